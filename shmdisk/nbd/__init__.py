@@ -1,0 +1,1 @@
+"""Serve shmdisk disks to Network Block Device clients (``shmdisk serve``)."""
