@@ -1,0 +1,75 @@
+"""shmdisk: named block devices in POSIX shared memory.
+
+Create a disk by name in one process; any process on the machine connects to it by name and
+sees the same bytes. The API follows MirageOS's BLOCK device::
+
+    import shmdisk
+
+    with shmdisk.create("scratch", size_sectors=2048) as disk:   # 1 MiB of 512-byte sectors
+        disk.write(0, b"hello".ljust(512, b"\\0"))
+    # ... in any other process:
+    with shmdisk.connect("scratch", create=False) as disk:
+        buf = bytearray(512)
+        disk.read(0, buf)
+    shmdisk.destroy("scratch")
+
+Where to look: ``disk.py`` (the API), ``errors.py`` (every error), ``_layout.py`` (the byte
+format of a segment), ``_locks.py`` (the locking protocol).
+"""
+
+from ._layout import DEFAULT_SECTOR_SIZE, DEFAULT_SIZE_SECTORS
+from ._segment import SEGMENT_PREFIX, SegmentInfo, inspect, list_disks, segment_path
+from .disk import Disk, DiskInfo, Extent, connect, create, destroy
+from .errors import (
+    BadBufferError,
+    CorruptSegmentError,
+    DisconnectedError,
+    DiskExistsError,
+    DiskFullError,
+    DiskNotFoundError,
+    InvalidArgumentError,
+    InvalidGeometryError,
+    InvalidNameError,
+    IsReadOnlyError,
+    LockTimeoutError,
+    OutOfRangeError,
+    PermissionDeniedError,
+    ShmdiskError,
+    UnimplementedError,
+    UnknownError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_SECTOR_SIZE",
+    "DEFAULT_SIZE_SECTORS",
+    "SEGMENT_PREFIX",
+    "BadBufferError",
+    "CorruptSegmentError",
+    "DisconnectedError",
+    "Disk",
+    "DiskExistsError",
+    "DiskFullError",
+    "DiskInfo",
+    "DiskNotFoundError",
+    "Extent",
+    "InvalidArgumentError",
+    "InvalidGeometryError",
+    "InvalidNameError",
+    "IsReadOnlyError",
+    "LockTimeoutError",
+    "OutOfRangeError",
+    "PermissionDeniedError",
+    "SegmentInfo",
+    "ShmdiskError",
+    "UnimplementedError",
+    "UnknownError",
+    "__version__",
+    "connect",
+    "create",
+    "destroy",
+    "inspect",
+    "list_disks",
+    "segment_path",
+]

@@ -1,0 +1,770 @@
+"""The public API: create, connect and destroy named disks, and the ``Disk`` handle.
+
+A ``Disk`` maps its segment (layout: ``_layout.py``) and follows the locking protocol of
+``_locks.py``. Every check of a call runs before any byte is touched, so a failing call changes
+nothing.
+"""
+
+from __future__ import annotations
+
+import mmap
+import operator
+import os
+import threading
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from . import _layout as L
+from . import _locks, _pagemap, _segment
+from .errors import (
+    BadBufferError,
+    CorruptSegmentError,
+    DisconnectedError,
+    DiskFullError,
+    InvalidArgumentError,
+    InvalidGeometryError,
+    IsReadOnlyError,
+    OutOfRangeError,
+    UnknownError,
+)
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from typing_extensions import Buffer as BufferLike
+
+    # One buffer-protocol object, or a list/tuple of them (consecutive sectors).
+    Buffers: TypeAlias = BufferLike | Iterable[BufferLike]
+
+_ZEROS = memoryview(bytes(1 << 20))  # source for zero-filling holes without allocating
+_F_SIZE = L.F_SIZE_SECTORS
+_F_CAP = L.F_CAPACITY
+_F_GONE = L.F_DESTROYED
+_MAPPED = L.MAPPED
+_LOCK_FREE = _locks.LOCK_FREE_READS
+_TRIES = _locks.OPTIMISTIC_TRIES
+_lock = _locks.lock
+_unlock = _locks.unlock
+_RD = _locks.RDLCK
+_WR = _locks.WRLCK
+_word_written = _pagemap.word_written
+# Page-map words per OS page of the map: 4096 / 4 = 2**10.
+_GROUP_BYTES_SHIFT = 12
+_GROUP_SHIFT = _GROUP_BYTES_SHIFT - 2
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    """What ``Disk.get_info`` reports (mirage's ``Mirage_block.info``)."""
+
+    read_write: bool
+    sector_size: int
+    size_sectors: int
+
+
+class Extent(NamedTuple):
+    """A run of sectors that all hold data (``mapped``) or are all known to be zero."""
+
+    sector: int
+    n_sectors: int
+    mapped: bool
+
+
+def _index(value: object, what: str) -> int:
+    if isinstance(value, bool):
+        raise InvalidArgumentError(f"{what} must be an integer, not bool")
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise InvalidArgumentError(
+            f"{what} must be an integer, not {type(value).__name__}"
+        ) from None
+
+
+def _zero(view: memoryview) -> None:
+    n = len(view)
+    if n <= len(_ZEROS):
+        view[:] = _ZEROS[:n]
+    else:
+        np.frombuffer(view, dtype=np.uint8)[:] = 0
+
+
+# Every live handle, so a forked child can drop the lock descriptors it inherited.
+_live: weakref.WeakSet[Disk] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for disk in list(_live):
+        disk._forget_inherited_locks()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Disk:
+    """A connected handle on a named disk; get one from :func:`create` or :func:`connect`.
+
+    Use it as a context manager (leaving disconnects, never destroys). Pickling a ``Disk``
+    reconnects by name in the receiving process.
+    """
+
+    # Class-level defaults: disconnect() and __repr__ work even if __init__ failed midway.
+    _fd = -1
+    _meta: mmap.mmap | None = None
+    _data: mmap.mmap | None = None
+    _hq: memoryview | None = None
+    _cap = 0
+
+    def __init__(self, name: str, opened: _segment.Opened, read_only: bool) -> None:
+        h = opened.header
+        self.name = name
+        self.read_only = read_only
+        self.sector_size = h.sector_size
+        self.page_size = h.page_size
+        self._shift = h.page_size.bit_length() - 1
+        self._max_pages = h.max_pages
+        self._data_offset = h.data_offset
+        self._fds_lock = threading.Lock()
+        self._lock_fds: list[int] = []
+        self._tls = threading.local()
+        self._fd = opened.fd
+        prot = mmap.PROT_READ if read_only else mmap.PROT_READ | mmap.PROT_WRITE
+        self._prot = prot
+        try:
+            self._meta = mmap.mmap(opened.fd, h.data_offset, mmap.MAP_SHARED, prot)
+            self._hq = memoryview(self._meta)[: L.HEADER_SIZE].cast("Q")
+            map_end = L.MAP_OFFSET + h.max_pages * L.MAP_WORD_SIZE
+            self._wv = memoryview(self._meta)[L.MAP_OFFSET : map_end].cast("I")
+            self._words = np.frombuffer(
+                self._meta, dtype=np.uint32, count=h.max_pages, offset=L.MAP_OFFSET
+            )
+            # One flag per page of the page map: known to be allocated (see _snapshot).
+            self._known = bytearray((h.max_pages >> _GROUP_SHIFT) + 1)
+            self._map_data()
+        except BaseException:
+            self.disconnect()
+            raise
+        _live.add(self)
+
+    # ----------------------------------------------------------------- mapping
+
+    def _map_data(self) -> None:
+        """(Re)map the data area at the capacity the header states, after checking the file."""
+        hq = self._hq
+        assert hq is not None
+        cap = hq[_F_CAP]
+        size = os.fstat(self._fd).st_size
+        if (
+            cap % self.page_size
+            or cap > self._max_pages * self.page_size
+            or size < self._data_offset + cap
+            or hq[_F_SIZE] * self.sector_size > cap
+        ):
+            # Never map past the end of the file: touching that would be SIGBUS.
+            raise CorruptSegmentError(f"disk {self.name!r}: header capacity {cap} is inconsistent")
+        if cap == self._cap and self._data is not None:
+            return
+        if cap == 0:
+            data = None
+            self._dv = memoryview(b"")
+            self._dn = np.zeros(0, dtype=np.uint8)
+        else:
+            data = mmap.mmap(self._fd, cap, mmap.MAP_SHARED, self._prot, offset=self._data_offset)
+            self._dv = memoryview(data)
+            self._dn = np.frombuffer(data, dtype=np.uint8)
+        self._data = data
+        self._cap = cap
+
+    def _forget_inherited_locks(self) -> None:
+        # The child shares the parent's open file descriptions, hence its locks: closing our
+        # copies releases nothing of the parent's, and new ones give the child its own locks.
+        for fd in self._lock_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._lock_fds = []
+        self._tls = threading.local()
+        self._fds_lock = threading.Lock()
+
+    def _lock_fd(self) -> int:
+        try:
+            return self._tls.fd  # type: ignore[no-any-return]
+        except AttributeError:
+            pass
+        with self._fds_lock:
+            if self._hq is None:
+                raise DisconnectedError(f"disk {self.name!r} is disconnected")
+            fd = _locks.reopen(self._fd, not self.read_only)
+            self._lock_fds.append(fd)
+        self._tls.fd = fd
+        return fd
+
+    # ----------------------------------------------------------------- checks
+
+    def _header(self) -> memoryview:
+        hq = self._hq
+        if hq is None:
+            raise DisconnectedError(f"disk {self.name!r} is disconnected")
+        if hq[_F_GONE]:
+            self._gone()
+        return hq
+
+    def _gone(self) -> None:
+        self.disconnect()
+        raise DisconnectedError(f"disk {self.name!r} was destroyed")
+
+    def _views(self, buffers: Buffers, writable: bool) -> tuple[list[memoryview], int]:
+        items = buffers if isinstance(buffers, (list, tuple)) else (buffers,)
+        views = []
+        total = 0
+        ss = self.sector_size
+        for b in items:
+            try:
+                v = memoryview(b)
+            except TypeError:
+                raise BadBufferError(
+                    f"expected a buffer (bytearray, memoryview, numpy array, mmap), "
+                    f"not {type(b).__name__}"
+                ) from None
+            if writable and v.readonly:
+                raise BadBufferError("read needs writable buffers; this one is read-only")
+            if not v.c_contiguous:
+                raise BadBufferError("buffers must be C-contiguous")
+            if v.ndim != 1 or v.format != "B":
+                v = v.cast("B")
+            n = len(v)
+            if n % ss:
+                raise BadBufferError(
+                    f"buffer of {n} bytes is not a whole number of {ss}-byte sectors"
+                )
+            views.append(v)
+            total += n
+        return views, total
+
+    def _check_range(self, hq: memoryview, off: int, total: int) -> None:
+        end = hq[_F_SIZE] * self.sector_size
+        if off < 0 or off + total > end:
+            ss = self.sector_size
+            raise OutOfRangeError(
+                f"bytes [{off}, {off + total}) (sectors {off / ss:g}+{total / ss:g}) lie outside "
+                f"disk {self.name!r} of {end // ss} sectors"
+            )
+        if off + total > self._cap:
+            self._map_data()  # another process grew the disk
+
+    # ----------------------------------------------------------------- the API
+
+    def get_info(self) -> DiskInfo:
+        """Sector size, size (current after any resize by any process) and writability."""
+        hq = self._header()
+        return DiskInfo(not self.read_only, self.sector_size, hq[_F_SIZE])
+
+    @property
+    def size_sectors(self) -> int:
+        return self.get_info().size_sectors
+
+    @property
+    def closed(self) -> bool:
+        return self._hq is None
+
+    def read(self, sector: int, buffers: Buffers) -> None:
+        """Fill ``buffers`` (one or a list, each whole sectors) from ``sector`` onwards."""
+        views, total = self._views(buffers, True)
+        self._read(_index(sector, "sector") * self.sector_size, views, total)
+
+    def write(self, sector: int, buffers: Buffers) -> None:
+        """Copy ``buffers`` (one or a list, each whole sectors) to the disk at ``sector``."""
+        if self.read_only:
+            self._header()
+            raise IsReadOnlyError(f"disk {self.name!r} is connected read-only")
+        views, total = self._views(buffers, False)
+        self._write(_index(sector, "sector") * self.sector_size, views, total)
+
+    def read_at(self, offset: int, buffer: BufferLike) -> None:
+        """Fill ``buffer`` from byte ``offset``; any alignment, atomic like ``read``."""
+        v = self._byte_view(buffer, True)
+        self._read(_index(offset, "offset"), [v], len(v))
+
+    def write_at(self, offset: int, data: BufferLike) -> None:
+        """Write ``data`` at byte ``offset``; any alignment, atomic like ``write``."""
+        if self.read_only:
+            self._header()
+            raise IsReadOnlyError(f"disk {self.name!r} is connected read-only")
+        v = self._byte_view(data, False)
+        self._write(_index(offset, "offset"), [v], len(v))
+
+    def _byte_view(self, buffer: BufferLike, writable: bool) -> memoryview:
+        try:
+            v = memoryview(buffer)
+        except TypeError:
+            raise BadBufferError(f"expected a buffer, not {type(buffer).__name__}") from None
+        if writable and v.readonly:
+            raise BadBufferError("read needs a writable buffer; this one is read-only")
+        if not v.c_contiguous:
+            raise BadBufferError("buffers must be C-contiguous")
+        return v if v.ndim == 1 and v.format == "B" else v.cast("B")
+
+    def _read(self, off: int, views: list[memoryview], total: int) -> None:
+        hq = self._header()
+        self._check_range(hq, off, total)
+        if total == 0:
+            return
+        shift = self._shift
+        p0 = off >> shift
+        p1 = ((off + total - 1) >> shift) + 1
+        if _LOCK_FREE:
+            # Seqlock read (see _locks.py): copy, then check that no writer touched the pages.
+            for _ in range(_TRIES):
+                if p1 - p0 == 1 and self._known[p0 >> _GROUP_SHIFT]:
+                    wv = self._wv
+                    w = wv[p0]
+                    if w & 1:
+                        break
+                    if len(views) == 1:
+                        if w >= _MAPPED:
+                            views[0][:] = self._dv[off : off + total]
+                        else:
+                            _zero(views[0])
+                    else:
+                        self._copy_out(off, views, np.array([w], dtype=np.uint32))
+                    if wv[p0] == w:
+                        return
+                else:
+                    ws = self._snapshot(p0, p1)
+                    if (ws & 1).any():
+                        break
+                    self._copy_out(off, views, ws)
+                    if np.array_equal(ws, self._snapshot(p0, p1)):
+                        return
+                hq = self._header()
+                self._check_range(hq, off, total)
+        fd = self._lock_fd()
+        _lock(fd, _RD, p0, p1 - p0)
+        try:
+            hq = self._header()
+            self._check_range(hq, off, total)
+            self._copy_out(off, views, self._snapshot(p0, p1))
+        finally:
+            _unlock(fd, p0, p1 - p0)
+
+    def _snapshot(self, p0: int, p1: int) -> _pagemap.Words:
+        """A copy of the page-map words of pages ``[p0, p1)``, read without allocating.
+
+        Reading a hole of the page map through the mapping would make tmpfs allocate it, so
+        reading a never-written region would cost memory. A hole means "never written", so its
+        words are zero; whether a map page is a hole is asked of the file (SEEK_DATA) until it
+        is known to be allocated, which, since the map is never punched, stays true.
+        """
+        g0, g1 = p0 >> _GROUP_SHIFT, (p1 - 1) >> _GROUP_SHIFT
+        known = self._known
+        if (g0 == g1 and known[g0]) or 0 not in known[g0 : g1 + 1]:
+            return self._words[p0:p1].copy()
+        out = np.zeros(p1 - p0, dtype=np.uint32)
+        for g in range(g0, g1 + 1):
+            if not known[g]:
+                off = L.MAP_OFFSET + (g << _GROUP_BYTES_SHIFT)
+                try:
+                    if os.lseek(self._fd, off, os.SEEK_DATA) != off:
+                        continue
+                except OSError:
+                    continue  # ENXIO: no data at or after off
+                known[g] = 1
+            lo, hi = max(p0, g << _GROUP_SHIFT), min(p1, (g + 1) << _GROUP_SHIFT)
+            out[lo - p0 : hi - p0] = self._words[lo:hi]
+        return out
+
+    def _copy_out(self, off: int, views: list[memoryview], ws: _pagemap.Words) -> None:
+        """Copy bytes from ``off`` into ``views``; pages not mapped are zero-filled, not read."""
+        dv = self._dv
+        if int(ws.min()) >= _MAPPED:
+            for v in views:
+                n = len(v)
+                v[:] = dv[off : off + n]
+                off += n
+            return
+        if int(ws.max()) < _MAPPED:
+            for v in views:
+                _zero(v)
+            return
+        # Mixed: walk the page runs and the buffers together.
+        shift = self._shift
+        base = (off >> shift) << shift
+        page_runs = _pagemap.runs(ws)
+        ri = 0
+        for v in views:
+            vstart, vend = off, off + len(v)
+            while ri < len(page_runs):
+                a, b, mapped = page_runs[ri]
+                lo = max(vstart, base + (a << shift))
+                hi = min(vend, base + (b << shift))
+                if lo < hi:
+                    part = v[lo - vstart : hi - vstart]
+                    if mapped:
+                        part[:] = dv[lo:hi]
+                    else:
+                        _zero(part)
+                if base + (b << shift) > vend:
+                    break  # this run goes on into the next buffer
+                ri += 1
+            off = vend
+
+    def _write(self, off: int, views: list[memoryview], total: int) -> None:
+        hq = self._header()
+        self._check_range(hq, off, total)
+        if total == 0:
+            return
+        shift = self._shift
+        p0 = off >> shift
+        p1 = ((off + total - 1) >> shift) + 1
+        fd = self._lock_fd()
+        _lock(fd, _WR, p0, p1 - p0)
+        try:
+            hq = self._header()
+            self._check_range(hq, off, total)
+            dv = self._dv
+            if p1 - p0 == 1:
+                wv = self._wv
+                w = wv[p0]
+                if w < _MAPPED:
+                    self._allocate(p0, 1)
+                wv[p0] = w | 1
+                try:
+                    for v in views:
+                        n = len(v)
+                        dv[off : off + n] = v
+                        off += n
+                finally:
+                    wv[p0] = _word_written(w)
+            else:
+                seg = self._words[p0:p1]
+                ws = seg.copy()
+                if int(ws.min()) < _MAPPED:
+                    self._allocate_runs(p0, ws)
+                seg[:] = _pagemap.writing(ws)
+                try:
+                    for v in views:
+                        n = len(v)
+                        dv[off : off + n] = v
+                        off += n
+                finally:
+                    seg[:] = _pagemap.written(ws)
+        finally:
+            _unlock(fd, p0, p1 - p0)
+
+    def _allocate(self, page: int, n: int) -> None:
+        """Give pages real memory before their first write.
+
+        A store into a tmpfs hole when /dev/shm is full kills the process with SIGBUS;
+        fallocate turns that into ENOSPC, raised before anything is written.
+        """
+        shift = self._shift
+        try:
+            os.posix_fallocate(self._fd, self._data_offset + (page << shift), n << shift)
+        except OSError as e:
+            # Give back whatever part of the range was allocated before the failure.
+            assert self._data is not None
+            self._data.madvise(mmap.MADV_REMOVE, page << shift, n << shift)
+            if e.errno == 28:
+                raise DiskFullError(
+                    f"disk {self.name!r}: no space left in {_segment.SHM_DIR} "
+                    f"for {n} new page(s); nothing was written"
+                ) from None
+            raise UnknownError(f"disk {self.name!r}: allocation failed: {e}") from None
+
+    def _allocate_runs(self, p0: int, ws: _pagemap.Words) -> None:
+        done: list[tuple[int, int]] = []
+        try:
+            for a, b, mapped in _pagemap.runs(ws):
+                if not mapped:
+                    self._allocate(p0 + a, b - a)
+                    done.append((p0 + a, b - a))
+        except DiskFullError:
+            assert self._data is not None
+            shift = self._shift
+            for page, n in done:
+                self._data.madvise(mmap.MADV_REMOVE, page << shift, n << shift)
+            raise
+
+    def _require_writable(self) -> memoryview:
+        hq = self._header()
+        if self.read_only:
+            raise IsReadOnlyError(f"disk {self.name!r} is connected read-only")
+        return hq
+
+    def discard(self, sector: int, n_sectors: int) -> None:
+        """Make ``n_sectors`` from ``sector`` read as zeros, giving whole pages back."""
+        self._zero_range(sector, n_sectors, unmap=True)
+
+    def write_zeroes(self, sector: int, n_sectors: int, *, may_unmap: bool = True) -> None:
+        """Zero a range; with ``may_unmap=False`` the pages stay allocated (NBD ``NO_HOLE``)."""
+        self._zero_range(sector, n_sectors, unmap=may_unmap)
+
+    def _zero_range(self, sector: object, n_sectors: object, unmap: bool) -> None:
+        s = _index(sector, "sector")
+        n = _index(n_sectors, "n_sectors")
+        hq = self._require_writable()
+        ss = self.sector_size
+        if n < 0:
+            raise OutOfRangeError(f"sector count {n} is negative")
+        self._check_range(hq, s * ss, n * ss)
+        if n == 0:
+            return
+        a, b = s * ss, (s + n) * ss
+        shift, page = self._shift, self.page_size
+        p0, p1 = a >> shift, ((b - 1) >> shift) + 1
+        fd = self._lock_fd()
+        _lock(fd, _WR, p0, p1 - p0)
+        try:
+            hq = self._header()
+            self._check_range(hq, a, b - a)
+            size_bytes = hq[_F_SIZE] * ss
+            # Bytes past the end of the disk are always zero, so a range that reaches the end
+            # covers its last page whole.
+            full_lo = -(-a // page)
+            full_hi = p1 if b == size_bytes else b >> shift
+            if not unmap:
+                full_lo = full_hi = p1  # no whole-page release: zero every page in place
+            for p in range(p0, p1):
+                if full_lo <= p < full_hi:
+                    continue
+                self._zero_in_page(p, max(a, p << shift), min(b, (p + 1) << shift), unmap)
+            if full_lo < full_hi:
+                self._unmap_pages(full_lo, full_hi)
+        finally:
+            _unlock(fd, p0, p1 - p0)
+
+    def _zero_in_page(self, p: int, lo: int, hi: int, unmap: bool) -> None:
+        wv = self._wv
+        w = wv[p]
+        if w < _MAPPED:
+            if unmap:
+                return  # already zero
+            self._allocate(p, 1)
+        wv[p] = w | 1
+        self._dn[lo:hi] = 0
+        wv[p] = _word_written(w)
+
+    def _unmap_pages(self, lo: int, hi: int) -> None:
+        """Drop pages ``[lo, hi)`` (caller holds them exclusively): zero and memory freed."""
+        assert self._data is not None
+        shift = self._shift
+        p = lo
+        while p < hi:
+            p = _pagemap.scan(self._fd, self._words, p, hi, True)
+            if p >= hi:
+                break
+            q = _pagemap.scan(self._fd, self._words, p, hi, False)
+            seg = self._words[p:q]
+            ws = seg.copy()
+            seg[:] = _pagemap.writing(ws)
+            # Clear the mapped flag before punching: a crash in between leaves an allocated
+            # page marked unmapped (harmless), never a hole marked mapped.
+            self._data.madvise(mmap.MADV_REMOVE, p << shift, (q - p) << shift)
+            seg[:] = _pagemap.discarded(ws)
+            p = q
+
+    def resize(self, size_sectors: int) -> None:
+        """Grow (with zeros) or shrink (dropping the tail for good); every process sees it."""
+        n = _index(size_sectors, "size_sectors")
+        self._require_writable()
+        ss = self.sector_size
+        limit = self._max_pages * self.page_size // ss
+        if not 0 <= n <= limit:
+            raise InvalidGeometryError(
+                f"size {n} is outside [0, {limit}] sectors, the limit set when disk "
+                f"{self.name!r} was created (see create(max_size_sectors=...))"
+            )
+        fd = self._lock_fd()
+        _lock(fd, _WR, _locks.WHOLE_START, _locks.WHOLE_LEN)
+        try:
+            hq = self._header()
+            if hq[_F_CAP] > self._cap:
+                self._map_data()
+            old_bytes, new_bytes = hq[_F_SIZE] * ss, n * ss
+            shift, page = self._shift, self.page_size
+            if new_bytes < old_bytes:
+                if new_bytes % page:
+                    p = new_bytes >> shift
+                    self._zero_in_page(p, new_bytes, min(self._cap, (p + 1) << shift), True)
+                self._unmap_pages(-(-new_bytes // page), -(-old_bytes // page))
+            elif new_bytes > self._cap:
+                cap = min(self._max_pages * page, max(L.align_up(new_bytes, page), 2 * self._cap))
+                try:
+                    os.ftruncate(self._fd, self._data_offset + cap)
+                except OSError as e:
+                    raise UnknownError(f"disk {self.name!r}: cannot grow: {e}") from None
+                hq[_F_CAP] = cap
+            hq[_F_SIZE] = n
+            hq[L.F_GENERATION] = hq[L.F_GENERATION] + 1
+        finally:
+            _unlock(fd, _locks.WHOLE_START, _locks.WHOLE_LEN)
+        if hq[_F_CAP] > self._cap:
+            self._map_data()
+
+    def seek_mapped(self, sector: int) -> int:
+        """First sector >= ``sector`` that may hold data; the disk size if none."""
+        return self._seek(sector, True)
+
+    def seek_unmapped(self, sector: int) -> int:
+        """First sector >= ``sector`` that is certainly zero; the disk size if none."""
+        return self._seek(sector, False)
+
+    def _seek(self, sector: object, mapped: bool) -> int:
+        s = _index(sector, "sector")
+        hq = self._header()
+        if s < 0:
+            raise OutOfRangeError(f"sector {s} is negative")
+        size = hq[_F_SIZE]
+        if s >= size:
+            return s
+        ss, shift = self.sector_size, self._shift
+        end_page = -(-(size * ss) // self.page_size)
+        p = _pagemap.scan(self._fd, self._words, (s * ss) >> shift, end_page, mapped)
+        if p >= end_page:
+            return size
+        return min(size, max(s, (p << shift) // ss))
+
+    def extents(self, start: int = 0, end: int | None = None) -> list[Extent]:
+        """The runs of mapped and zero sectors covering ``[start, end)`` (default: the disk)."""
+        size = self.get_info().size_sectors
+        lo = _index(start, "start")
+        hi = size if end is None else _index(end, "end")
+        if not 0 <= lo <= hi <= size:
+            raise OutOfRangeError(
+                f"extent range [{lo}, {hi}) is outside the disk of {size} sectors"
+            )
+        out: list[Extent] = []
+        s = lo
+        while s < hi:
+            m = self.seek_mapped(s)
+            if m > s:
+                out.append(Extent(s, min(m, hi) - s, False))
+                s = min(m, hi)
+                continue
+            u = min(self.seek_unmapped(s), hi)
+            out.append(Extent(s, u - s, True))
+            s = u
+        return out
+
+    def mapped_pages(self) -> int:
+        """How many pages of the disk hold data (and memory)."""
+        hq = self._header()
+        pages = -(-(hq[_F_SIZE] * self.sector_size) // self.page_size)
+        return _pagemap.count_mapped(self._fd, self._words, pages)
+
+    def flush(self) -> None:
+        """Nothing to do (memory is the medium), but a disconnected handle still fails."""
+        self._header()
+
+    def open(self, mode: str = "rb") -> IO[bytes]:
+        """The disk as a binary file object (see ``shmdisk._fileio``)."""
+        from ._fileio import open_disk
+
+        self._header()
+        return open_disk(self, mode)
+
+    def disconnect(self) -> None:
+        """Release this handle (descriptors, mappings); idempotent. The disk stays."""
+        with self._disconnect_lock:
+            self._hq = None  # first: every later call sees a disconnected handle
+            self._wv = memoryview(b"")
+            self._words = np.zeros(0, dtype=np.uint32)
+            self._dv = memoryview(b"")
+            self._dn = np.zeros(0, dtype=np.uint8)
+            for m in (self._data, self._meta):
+                if m is not None:
+                    try:
+                        m.close()
+                    except BufferError:
+                        pass  # a call in another thread still copies; unmapped when it is done
+            self._data = self._meta = None
+            fds = self.__dict__.get("_lock_fds", [])
+            self._lock_fds = []
+            for fd in [*fds, self._fd]:
+                if fd >= 0:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+            self._fd = -1
+            self._cap = 0
+
+    _disconnect_lock = threading.Lock()
+
+    def __enter__(self) -> Disk:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.disconnect()
+
+    def __reduce__(self) -> tuple[Any, tuple[str, bool]]:
+        return (_reconnect, (self.name, self.read_only))
+
+    def __repr__(self) -> str:
+        if self._hq is None:
+            return f"<shmdisk.Disk {self.name!r} disconnected>"
+        mode = "ro" if self.read_only else "rw"
+        return f"<shmdisk.Disk {self.name!r} {self._hq[_F_SIZE]} x {self.sector_size} B {mode}>"
+
+    def __del__(self) -> None:
+        if self._fd >= 0:
+            self.disconnect()
+
+
+def _reconnect(name: str, read_only: bool) -> Disk:
+    return connect(name, read_only=read_only, create=False)
+
+
+def create(
+    name: str,
+    size_sectors: int,
+    sector_size: int = L.DEFAULT_SECTOR_SIZE,
+    *,
+    mode: int = 0o600,
+    max_size_sectors: int | None = None,
+) -> Disk:
+    """Create a new, all-zero disk; ``DiskExistsError`` if the name is taken.
+
+    The disk may later be resized up to ``max_size_sectors`` (default: the larger of its size
+    and 1 TiB); the reservation costs no memory.
+    """
+    name = _segment.validate_name(name)
+    opened = _segment.create_segment(name, size_sectors, sector_size, mode, max_size_sectors)
+    try:
+        return Disk(name, opened, read_only=False)
+    except BaseException:
+        _segment.destroy_segment(name, timeout=5.0)
+        raise
+
+
+def connect(name: str, *, read_only: bool = False, create: bool = True) -> Disk:
+    """Connect to the disk ``name``; if missing, create the default disk (32768 x 512 B).
+
+    Racing connects agree on one device. With ``create=False`` a missing name raises
+    ``DiskNotFoundError``.
+    """
+    name = _segment.validate_name(name)
+    if create:
+        opened = _segment.create_or_open(name, read_only)
+    else:
+        opened = _segment.open_segment(name, read_only)
+    return Disk(name, opened, read_only=read_only)
+
+
+def destroy(name: str, *, timeout: float = 30.0) -> None:
+    """Destroy the disk: connected handles get ``DisconnectedError``; a missing name is fine.
+
+    Waits for I/O in flight (at most ``timeout`` seconds, then ``LockTimeoutError``).
+    """
+    _segment.destroy_segment(_segment.validate_name(name), timeout)
