@@ -1,0 +1,250 @@
+"""asyncio API: the module functions and every ``Disk`` operation as coroutines.
+
+    import shmdisk.aio as aio
+
+    async with await aio.create("scratch", 2048) as disk:
+        await disk.write(0, b"x" * 512)
+        buf = bytearray(512)
+        await disk.read(0, buf)
+
+A request can wait for a lock that another process holds. Each coroutine therefore runs the
+blocking call on a small thread pool dedicated to shmdisk, so the event loop keeps serving other
+tasks while it waits, and the default executor (used by ``asyncio.to_thread`` and DNS lookups) is
+never filled with lock waits. The core gives each thread its own lock file descriptor, which is
+what makes running requests of one ``Disk`` on several threads safe; errors and atomicity are
+exactly those of the blocking API.
+
+Cancelling the awaiting task does not cancel a request that has started: a lock wait in the
+kernel cannot be interrupted from Python, so the request still completes (or fails) in its
+thread. Until the awaited call returns, a ``read`` may still fill the buffers and a ``write``
+may still copy from them: do not reuse them early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+
+import shmdisk
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from types import TracebackType
+
+    from typing_extensions import Buffer, Self
+
+    from shmdisk import Disk, DiskInfo, Extent, SegmentInfo
+
+__all__ = [
+    "AsyncDisk",
+    "connect",
+    "create",
+    "destroy",
+    "inspect",
+    "list_disks",
+    "set_max_workers",
+]
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+# Enough threads that a few requests stuck behind another process's lock do not stall requests
+# to other disks, few enough that each thread's per-disk lock fd stays cheap.
+_DEFAULT_MAX_WORKERS = 16
+
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_max_workers = _DEFAULT_MAX_WORKERS
+
+
+def _forget_pool_after_fork() -> None:
+    # A forked child inherits the executor object but none of its threads: submitting to it
+    # would hang. Start a fresh pool lazily instead.
+    global _pool, _pool_lock
+    _pool = None
+    _pool_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    pool = _pool
+    if pool is None:
+        with _pool_lock:
+            pool = _pool
+            if pool is None:
+                pool = _pool = ThreadPoolExecutor(
+                    max_workers=_max_workers, thread_name_prefix="shmdisk-aio"
+                )
+    return pool
+
+
+def set_max_workers(n: int) -> None:
+    """Set how many shmdisk requests may wait or run in threads at once (default 16).
+
+    Requests beyond that wait in a queue (without blocking the event loop). Requests already
+    running keep their threads; the new limit applies to a pool started afresh.
+    """
+    global _pool, _max_workers
+    if n < 1:
+        raise ValueError(f"max_workers must be at least 1, got {n}")
+    with _pool_lock:
+        old, _pool, _max_workers = _pool, None, n
+    if old is not None:
+        old.shutdown(wait=False)
+
+
+async def _run(func: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_executor(), functools.partial(func, *args, **kwargs))
+
+
+async def create(
+    name: str,
+    size_sectors: int,
+    sector_size: int = shmdisk.DEFAULT_SECTOR_SIZE,
+    **kwargs: Any,
+) -> AsyncDisk:
+    """``shmdisk.create`` as a coroutine; same arguments and errors."""
+    return AsyncDisk(await _run(shmdisk.create, name, size_sectors, sector_size, **kwargs))
+
+
+async def connect(name: str, **kwargs: Any) -> AsyncDisk:
+    """``shmdisk.connect`` as a coroutine; same arguments (``read_only``, ``create``) and errors."""
+    return AsyncDisk(await _run(shmdisk.connect, name, **kwargs))
+
+
+async def destroy(name: str) -> None:
+    """``shmdisk.destroy`` as a coroutine: a missing name is not an error."""
+    await _run(shmdisk.destroy, name)
+
+
+async def list_disks() -> list[str]:
+    """``shmdisk.list_disks`` as a coroutine."""
+    return await _run(shmdisk.list_disks)
+
+
+async def inspect(name: str) -> SegmentInfo:
+    """``shmdisk.inspect`` as a coroutine."""
+    return await _run(shmdisk.inspect, name)
+
+
+class AsyncDisk:
+    """A ``Disk`` whose operations are coroutines; ``async with`` disconnects (never destroys).
+
+    Wraps a blocking handle, available as ``.disk`` (for ``open()``, or to hand to a process).
+    Pickles as the blocking handle does: the copy reconnects by name.
+    """
+
+    __slots__ = ("_disk",)
+
+    def __init__(self, disk: Disk) -> None:
+        self._disk = disk
+
+    def __reduce__(self) -> tuple[type[AsyncDisk], tuple[Disk]]:
+        return (AsyncDisk, (self._disk,))
+
+    def __repr__(self) -> str:
+        return f"AsyncDisk({self._disk!r})"
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.disconnect()
+
+    # -- plain attributes: no I/O, no lock, answered on the loop ---------------------------
+
+    @property
+    def disk(self) -> Disk:
+        """The blocking handle underneath."""
+        return self._disk
+
+    @property
+    def name(self) -> str:
+        return self._disk.name
+
+    @property
+    def read_only(self) -> bool:
+        return self._disk.read_only
+
+    @property
+    def closed(self) -> bool:
+        return self._disk.closed
+
+    @property
+    def page_size(self) -> int:
+        return self._disk.page_size
+
+    @property
+    def sector_size(self) -> int:
+        return self._disk.sector_size
+
+    # -- device operations: each one blocking call on the shmdisk thread pool -------------
+
+    async def get_info(self) -> DiskInfo:
+        """``Disk.get_info``: read_write, sector_size and the current size_sectors."""
+        return await _run(self._disk.get_info)
+
+    async def read(self, sector: int, buffers: Buffer | list[Buffer]) -> None:
+        """``Disk.read``: fill the buffers (whole sectors each) from ``sector`` on, atomically."""
+        await _run(self._disk.read, sector, buffers)
+
+    async def write(self, sector: int, buffers: Buffer | list[Buffer]) -> None:
+        """``Disk.write``: copy the buffers (whole sectors each) to ``sector`` on, atomically."""
+        await _run(self._disk.write, sector, buffers)
+
+    async def read_at(self, offset: int, buffer: Buffer) -> None:
+        """``Disk.read_at``: fill ``buffer`` from byte ``offset``, atomically."""
+        await _run(self._disk.read_at, offset, buffer)
+
+    async def write_at(self, offset: int, data: Buffer) -> None:
+        """``Disk.write_at``: copy ``data`` to byte ``offset``, atomically."""
+        await _run(self._disk.write_at, offset, data)
+
+    async def resize(self, size_sectors: int) -> None:
+        """``Disk.resize``: grow with zeros or drop the tail; every process sees the new size."""
+        await _run(self._disk.resize, size_sectors)
+
+    async def seek_mapped(self, sector: int) -> int:
+        """``Disk.seek_mapped``: the first sector ``>= sector`` that may hold data."""
+        return await _run(self._disk.seek_mapped, sector)
+
+    async def seek_unmapped(self, sector: int) -> int:
+        """``Disk.seek_unmapped``: the first sector ``>= sector`` that is surely zero."""
+        return await _run(self._disk.seek_unmapped, sector)
+
+    async def discard(self, sector: int, n_sectors: int) -> None:
+        """``Disk.discard``: the range reads zeros afterwards; whole pages are freed."""
+        await _run(self._disk.discard, sector, n_sectors)
+
+    async def write_zeroes(self, sector: int, n_sectors: int, *, may_unmap: bool = True) -> None:
+        """``Disk.write_zeroes``: zero the range, unmapping whole pages when allowed."""
+        await _run(self._disk.write_zeroes, sector, n_sectors, may_unmap=may_unmap)
+
+    async def extents(self, start: int = 0, end: int | None = None) -> list[Extent]:
+        """``Disk.extents``: mapped and unmapped runs covering ``[start, end)``."""
+        return await _run(self._disk.extents, start, end)
+
+    async def mapped_pages(self) -> int:
+        """``Disk.mapped_pages``: how many pages hold data."""
+        return await _run(self._disk.mapped_pages)
+
+    async def flush(self) -> None:
+        """``Disk.flush``: succeeds unless the handle is disconnected."""
+        await _run(self._disk.flush)
+
+    async def disconnect(self) -> None:
+        """``Disk.disconnect``: release this handle; idempotent; the disk stays."""
+        await _run(self._disk.disconnect)
