@@ -138,9 +138,9 @@ def test_pickle_reconnects_by_name(disk: shmdisk.Disk) -> None:
         buf = bytearray(512)
         clone.read(1, buf)
         assert buf == b"p" * 512
-    with shmdisk.connect(disk.name, read_only=True, create=False) as ro:
-        with pickle.loads(pickle.dumps(ro)) as ro2:
-            assert ro2.read_only
+    ro = shmdisk.connect(disk.name, read_only=True, create=False)
+    with ro, pickle.loads(pickle.dumps(ro)) as ro2:
+        assert ro2.read_only
 
 
 def test_flush_succeeds(disk: shmdisk.Disk) -> None:

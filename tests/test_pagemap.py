@@ -42,7 +42,7 @@ def test_writer_protocol_words(words: np.ndarray) -> None:
     wr = _pagemap.writing(words)
     done = _pagemap.written(words)
     gone = _pagemap.discarded(words)
-    for w, a, b, c in zip(words.tolist(), wr.tolist(), done.tolist(), gone.tolist()):
+    for w, a, b, c in zip(words.tolist(), wr.tolist(), done.tolist(), gone.tolist(), strict=True):
         assert a & 1 and (a >= L.MAPPED) == (w >= L.MAPPED)
         assert b % 2 == 0 and b >= L.MAPPED and (b & L.SEQ_MASK) != (w & L.SEQ_MASK)
         assert c % 2 == 0 and c < L.MAPPED and c != (w & L.SEQ_MASK)
