@@ -1,0 +1,244 @@
+"""The device across real processes and threads: sharing, atomicity, kills, resize, destroy."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+
+import _workers as w
+import numpy as np
+import pytest
+
+import shmdisk
+from shmdisk import _locks
+
+SPAWN = multiprocessing.get_context("spawn")
+FORK = multiprocessing.get_context("fork")
+
+
+@pytest.fixture
+def procs() -> Iterator[list[multiprocessing.process.BaseProcess]]:
+    """Processes a test starts; any still alive at the end are killed (no stragglers)."""
+    started: list[multiprocessing.process.BaseProcess] = []
+    yield started
+    for p in started:
+        if p.is_alive():
+            p.kill()
+        p.join(5)
+
+
+@pytest.mark.parametrize("ctx", [SPAWN, FORK], ids=["spawn", "fork"])
+def test_child_writes_parent_reads_and_back(
+    disk: shmdisk.Disk, ctx: multiprocessing.context.BaseContext
+) -> None:
+    """Bytes written by a child are read by the parent exactly, and the other way round."""
+    p = ctx.Process(target=w.write_pattern, args=(disk.name, 3, 3 * 4096, 42))
+    p.start()
+    p.join(60)
+    assert p.exitcode == 0
+    buf = bytearray(3 * 4096)
+    disk.read(3, buf)
+    assert bytes(buf) == w.pattern(3 * 4096, 42)
+
+    disk.write(100, w.pattern(8192, 43))
+    with ctx.Pool(1) as pool:
+        assert pool.apply_async(w.check_pattern, (disk.name, 100, 8192, 43)).get(60)
+
+
+def test_disk_handed_to_pool_workers(disk: shmdisk.Disk) -> None:
+    """A Disk passed to ProcessPoolExecutor workers reconnects there and reads the same bytes."""
+    disk.write(0, w.pattern(256 * 512, 7))
+    with ProcessPoolExecutor(2, mp_context=SPAWN) as ex:
+        parts = list(ex.map(w.read_with_handle, [disk] * 4, [0, 64, 128, 192], [64 * 512] * 4))
+    assert b"".join(parts) == w.pattern(256 * 512, 7)
+
+
+@pytest.mark.parametrize("ctx", [SPAWN, FORK], ids=["spawn", "fork"])
+def test_no_torn_reads_across_processes(
+    disk: shmdisk.Disk, ctx: multiprocessing.context.BaseContext
+) -> None:
+    """Readers never see a mix of two concurrent writes to a multi-page, unaligned range."""
+    sector, n_bytes, seconds = 5, 5 * 4096 + 1024, 1.5  # spans 6 pages, neither end aligned
+    with ctx.Pool(4) as pool:
+        writers = [
+            pool.apply_async(w.hammer_writes, (disk.name, i, sector, n_bytes, seconds))
+            for i in range(2)
+        ]
+        readers = [
+            pool.apply_async(w.hammer_reads, (disk.name, sector, n_bytes, seconds))
+            for _ in range(2)
+        ]
+        writes = sum(r.get(60) for r in writers)
+        results = [r.get(60) for r in readers]
+    reads = sum(r for r, _ in results)
+    torn = sum(t for _, t in results)
+    assert writes > 100 and reads > 100
+    assert torn == 0, f"{torn} torn reads of {reads}"
+
+
+def test_no_torn_reads_across_threads_sharing_a_handle(disk: shmdisk.Disk) -> None:
+    """Threads sharing one Disk exclude each other: no torn reads, every write whole."""
+    sector, n = 6, 3 * 4096
+    stop = time.monotonic() + 1.0
+    torn: list[int] = []
+    errors: list[BaseException] = []
+
+    def writer(i: int) -> None:
+        try:
+            k = 0
+            while time.monotonic() < stop:
+                disk.write(sector, bytes([(i * 100 + k) % 250 + 1]) * n)
+                k += 1
+        except BaseException as e:
+            errors.append(e)
+
+    def reader() -> None:
+        try:
+            buf = bytearray(n)
+            arr = np.frombuffer(buf, dtype=np.uint8)
+            while time.monotonic() < stop:
+                disk.read(sector, buf)
+                if (arr != arr[0]).any():
+                    torn.append(1)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(2)]
+    threads += [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors and not torn
+
+
+def test_killed_lock_holder_never_blocks_others(
+    disk: shmdisk.Disk, procs: list[multiprocessing.process.BaseProcess]
+) -> None:
+    """A process SIGKILLed while holding a page lock: the others go on at once."""
+    ready = SPAWN.Event()
+    p = SPAWN.Process(target=w.hold_lock_then_wait, args=(disk.name, ready, 0, 10))
+    procs.append(p)
+    p.start()
+    assert ready.wait(60)
+    fd = disk._lock_fd()
+    assert not _locks.try_lock(fd, _locks.WRLCK, 0, 1)  # really held by the child
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(10)
+    t0 = time.monotonic()
+    disk.write(0, b"a" * 4096)
+    assert time.monotonic() - t0 < 1.0
+    buf = bytearray(4096)
+    disk.read(0, buf)
+    assert buf == b"a" * 4096
+
+
+def test_killed_mid_large_write_leaves_disk_usable(
+    name: str, procs: list[multiprocessing.process.BaseProcess]
+) -> None:
+    """Writers killed at random moments in 8 MiB writes never leave a lock behind."""
+    with shmdisk.create(name, (8 << 20) // 512) as d:
+        rng = np.random.default_rng(1)
+        for _ in range(3):
+            ready = SPAWN.Event()
+            p = SPAWN.Process(target=w.big_writes_forever, args=(name, ready))
+            procs.append(p)
+            p.start()
+            assert ready.wait(60)
+            time.sleep(float(rng.uniform(0.01, 0.1)))
+            os.kill(p.pid, signal.SIGKILL)
+            p.join(10)
+            t0 = time.monotonic()
+            d.write(0, b"s" * 4096)
+            d.read(0, bytearray(8 << 20))  # takes every page lock it needs
+            assert time.monotonic() - t0 < 1.0
+
+
+def test_resize_seen_by_other_process(disk: shmdisk.Disk) -> None:
+    """A resize in one process is seen by another, including data past the old capacity."""
+    with SPAWN.Pool(1) as pool:
+        res = pool.apply_async(w.wait_for_size, (disk.name, 100_000, 30))
+        time.sleep(0.5)  # let the child connect at the old size
+        disk.resize(100_000)
+        disk.write(99_999, b"g" * 512)
+        size, last = res.get(60)
+    assert size == 100_000
+    assert last in (b"g" * 512, bytes(512))  # the child may read before or after the write
+
+
+def test_destroy_seen_by_other_process(disk: shmdisk.Disk) -> None:
+    """After destroy, a connected process's next call raises DisconnectedError."""
+    mgr = SPAWN.Manager()
+    try:
+        connected, destroyed = mgr.Event(), mgr.Event()
+        with SPAWN.Pool(1) as pool:
+            res = pool.apply_async(w.see_destroy, (disk.name, connected, destroyed))
+            assert connected.wait(60)
+            shmdisk.destroy(disk.name)
+            destroyed.set()
+            assert res.get(60) == "DisconnectedError"
+    finally:
+        mgr.shutdown()
+
+
+def test_forked_child_does_not_share_parent_locks(disk: shmdisk.Disk) -> None:
+    """A child forked while the parent holds a lock must not hold (or release) that lock."""
+    fd = disk._lock_fd()
+    _locks.lock(fd, _locks.WRLCK, 0, 1)
+    try:
+        r, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: its own lock fd must find page 0 taken by the parent
+            try:
+                os.close(r)
+                held = not _locks.try_lock(disk._lock_fd(), _locks.WRLCK, 0, 1)
+                os.write(wfd, b"1" if held else b"0")
+            finally:
+                os._exit(0)
+        os.close(wfd)
+        answer = os.read(r, 1)
+        os.close(r)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert answer == b"1"
+        # ... and the child's exit released nothing of ours.
+        other = shmdisk.connect(disk.name, create=False)
+        try:
+            assert not _locks.try_lock(other._lock_fd(), _locks.WRLCK, 0, 1)
+        finally:
+            other.disconnect()
+    finally:
+        _locks.unlock(fd, 0, 1)
+
+
+def test_lock_free_read_falls_back_to_lock_while_writer_holds(disk: shmdisk.Disk) -> None:
+    """A reader never returns a page a writer is changing: it waits on the writer's lock."""
+    disk.write(0, b"1" * 4096)
+    other = shmdisk.connect(disk.name, create=False)
+    fd = other._lock_fd()
+    _locks.lock(fd, _locks.WRLCK, 0, 1)
+    # Make the word odd, as a writer in the middle of its copy would.
+    w0 = other._wv[0]
+    other._wv[0] = w0 | 1
+    other._dv[0:4096] = b"2" * 4096
+    result: list[bytes] = []
+
+    def read() -> None:
+        buf = bytearray(4096)
+        disk.read(0, buf)
+        result.append(bytes(buf))
+
+    t = threading.Thread(target=read)
+    t.start()
+    t.join(0.3)
+    assert t.is_alive(), "reader did not wait for the writer"
+    other._wv[0] = shmdisk._pagemap.word_written(w0)  # type: ignore[attr-defined]
+    _locks.unlock(fd, 0, 1)
+    t.join(10)
+    assert result == [b"2" * 4096]
+    other.disconnect()
