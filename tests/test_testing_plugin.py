@@ -1,0 +1,265 @@
+"""shmdisk.testing: the pytest plugin run for real in a subprocess, and its helpers."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+import shmdisk
+from shmdisk.testing import LeakedSegmentsError, assert_no_leaks, unique_name
+
+EXAMPLES = pathlib.Path(__file__).parent / "plugin_example"
+README = pathlib.Path(__file__).parent.parent / "README.md"
+
+
+@pytest.fixture
+def token() -> Iterator[str]:
+    """A name prefix for one example run; every segment carrying it is destroyed afterwards."""
+    prefix = f"plug{secrets.token_hex(4)}"
+    try:
+        yield prefix
+    finally:
+        for name in shmdisk.list_disks():
+            if name.startswith(prefix):
+                shmdisk.destroy(name)
+
+
+def left_behind(prefix: str) -> list[str]:
+    """Segments on the machine whose names start with ``prefix``."""
+    return [n for n in shmdisk.list_disks() if n.startswith(prefix)]
+
+
+def run_pytest(
+    tmp_path: pathlib.Path,
+    files: dict[str, str],
+    *args: str,
+    env: dict[str, str] | None = None,
+    plugin_option: bool = True,
+) -> tuple[dict[str, int], str]:
+    """Write ``files`` into ``tmp_path`` and run pytest there; return outcome counts and output."""
+    for rel, text in files.items():
+        (tmp_path / rel).write_text(text)
+    # Pin the rootdir here so the project's own pytest configuration and conftest stay out.
+    (tmp_path / "pytest.ini").write_text("[pytest]\naddopts = --strict-markers\n")
+    child_env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PYTEST_XDIST", "PYTEST_ADDOPTS", "PYTEST_CURRENT_TEST"))
+    }
+    child_env.update(env or {})
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--timeout=60"]
+        + (["-p", "shmdisk.testing"] if plugin_option else [])
+        + list(args),
+        cwd=tmp_path,
+        env=child_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = proc.stdout + proc.stderr
+    summary = [
+        line
+        for line in output.splitlines()
+        if re.search(r"\d+ (passed|failed|errors?)\b.* in [\d.]+s", line)
+    ]
+    counts = {
+        kind.rstrip("s") if kind == "errors" else kind: int(n)
+        for n, kind in re.findall(r"(\d+) (passed|failed|errors?)", summary[-1] if summary else "")
+    }
+    return counts, output
+
+
+def example(name: str) -> str:
+    """The text of one example file."""
+    return (EXAMPLES / f"example_{name}.py").read_text()
+
+
+def kept_names(output: str) -> list[str]:
+    """The disk names listed in the plugin's 'kept' summary section."""
+    lines = output.splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if "disks kept after failing" in line)
+    except StopIteration:
+        return []
+    names = []
+    for line in lines[start + 1 :]:
+        if not line.strip() or line.startswith(("inspect", "=")):
+            break
+        names.append(line.split()[0])
+    return names
+
+
+@pytest.mark.parametrize("xdist", [[], ["-n", "2"]], ids=["serial", "xdist"])
+def test_fixtures_serve_worker_processes_and_leave_nothing(
+    tmp_path: pathlib.Path, token: str, xdist: list[str]
+) -> None:
+    """The example suite passes (bar one planned failure) with or without xdist, leaving no disk."""
+    names_dir = tmp_path / "names"
+    names_dir.mkdir()
+    counts, output = run_pytest(
+        tmp_path,
+        {"test_basic.py": example("basic")},
+        "--shmdisk-prefix",
+        token,
+        *xdist,
+        env={"EXAMPLE_NAMES_DIR": str(names_dir)},
+    )
+    assert counts == {"passed": 3, "failed": 1}, output
+    assert left_behind(token) == []
+    names = sorted(p.name for p in names_dir.iterdir())
+    assert len(names) == 5 and all(n.startswith(f"{token}-test_") for n in names), names
+    if xdist:
+        # Each worker tags its names; the two workers are two processes with their own pids.
+        tags = {re.search(r"-(\d+)-(gw\d)-", n).groups() for n in names}  # type: ignore[union-attr]
+        assert {tag for _, tag in tags} == {"gw0", "gw1"}
+        assert len({pid for pid, _ in tags}) == 2
+
+
+def test_keep_marker_keeps_only_a_failing_marked_test_disk(
+    tmp_path: pathlib.Path, token: str
+) -> None:
+    """@pytest.mark.shmdisk_keep keeps a failing test's disk, prints it, and keeps nothing else."""
+    counts, output = run_pytest(
+        tmp_path, {"test_keep.py": example("keep")}, "--shmdisk-prefix", token
+    )
+    assert counts == {"passed": 1, "failed": 2}, output
+    kept = kept_names(output)
+    assert len(kept) == 1 and "test_kept_when_it_fails" in kept[0], output
+    assert "shmdisk-ls" in output
+    assert left_behind(token) == kept
+    with shmdisk.connect(kept[0], create=False, read_only=True) as disk:
+        buf = bytearray(disk.sector_size)
+        disk.read(0, buf)
+        assert buf.startswith(b"evidence")
+
+
+@pytest.mark.parametrize("xdist", [[], ["-n", "2"]], ids=["serial", "xdist"])
+def test_keep_option_keeps_every_failing_test_disk(
+    tmp_path: pathlib.Path, token: str, xdist: list[str]
+) -> None:
+    """--shmdisk-keep-on-failure keeps the disks of all failing tests, also from xdist workers."""
+    counts, output = run_pytest(
+        tmp_path,
+        {"test_keep.py": example("keep")},
+        "--shmdisk-prefix",
+        token,
+        "--shmdisk-keep-on-failure",
+        *xdist,
+    )
+    assert counts == {"passed": 1, "failed": 2}, output
+    kept = kept_names(output)
+    assert len(kept) == 2, output
+    assert sorted(left_behind(token)) == sorted(kept)
+
+
+def test_no_leaks_fixture_reports_a_leak_and_removes_it(tmp_path: pathlib.Path, token: str) -> None:
+    """shmdisk_no_leaks turns a leaked segment into a teardown error and destroys it."""
+    counts, output = run_pytest(
+        tmp_path, {"test_leak.py": example("leak")}, env={"EXAMPLE_PREFIX": token}
+    )
+    assert counts == {"passed": 2, "error": 1}, output
+    assert "LeakedSegmentsError" in output and f"{token}-leaky" in output
+    assert left_behind(token) == []
+
+
+def test_readme_example_runs(tmp_path: pathlib.Path, token: str) -> None:
+    """The README's plugin example (conftest.py plus a test starting workers) passes as printed."""
+    blocks = re.findall(
+        r"```python\n(# (conftest\.py|test_\w+\.py)\n.*?)```", README.read_text(), re.S
+    )
+    files = {filename: text for text, filename in blocks}
+    assert "conftest.py" in files and len(files) >= 2, "README example not found"
+    # No -p here: the README's conftest.py enables the plugin itself.
+    counts, output = run_pytest(tmp_path, files, "--shmdisk-prefix", token, plugin_option=False)
+    assert counts.get("failed", 0) == 0 and counts.get("passed", 0) >= 1, output
+    assert left_behind(token) == []
+
+
+def test_unique_names_are_unique_and_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """unique_name carries the pid and xdist worker, cleans the prefix and is a valid disk name."""
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    names = {unique_name() for _ in range(1000)}
+    assert len(names) == 1000
+    assert all(re.fullmatch(rf"test-{os.getpid()}-[0-9a-f]{{12}}", n) for n in names)
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw3")
+    assert re.fullmatch(rf"job-{os.getpid()}-gw3-[0-9a-f]{{12}}", unique_name("job"))
+    for prefix in ("tests/test_x.py::test_y[a b-1]", "é" * 300, ""):
+        name = unique_name(prefix)
+        assert re.fullmatch(r"[A-Za-z0-9._-]+", name) and len(name) <= 100, name
+        shmdisk.create(name, 1).disconnect()
+        shmdisk.destroy(name)
+
+
+def test_assert_no_leaks_raises_and_cleans_up() -> None:
+    """assert_no_leaks names each leaked segment, destroys it, and is quiet when all is tidy."""
+    with assert_no_leaks():
+        tidy = unique_name("tidy")
+        shmdisk.create(tidy, 1).disconnect()
+        shmdisk.destroy(tidy)
+    leaky = unique_name("leaky")
+    with pytest.raises(LeakedSegmentsError) as info, assert_no_leaks():
+        shmdisk.create(leaky, 1).disconnect()
+    assert info.value.names == [leaky] and leaky in str(info.value)
+    assert isinstance(info.value, AssertionError)
+    assert leaky not in shmdisk.list_disks()
+
+
+def test_assert_no_leaks_ignore_and_keep() -> None:
+    """ignore() excuses a segment; cleanup=False reports it but leaves it in place."""
+    name = unique_name("excused")
+    try:
+        with assert_no_leaks(ignore=lambda n: n == name):
+            shmdisk.create(name, 1).disconnect()
+        shmdisk.destroy(name)
+        with pytest.raises(LeakedSegmentsError), assert_no_leaks(cleanup=False):
+            shmdisk.create(name, 1).disconnect()
+        assert name in shmdisk.list_disks()
+    finally:
+        shmdisk.destroy(name)
+
+
+def test_assert_no_leaks_ignores_other_xdist_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under xdist a segment named by another worker's unique_name is not this test's leak."""
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
+    other = f"other-{os.getpid()}-gw0-{secrets.token_hex(6)}"
+    try:
+        with assert_no_leaks():
+            shmdisk.create(other, 1).disconnect()
+    finally:
+        shmdisk.destroy(other)
+
+
+def test_helpers_import_without_pytest() -> None:
+    """shmdisk.testing imports and its helpers work where pytest is not installed."""
+    code = """
+import sys
+
+class NoPytest:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("pytest", "_pytest", "pluggy"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, NoPytest())
+import shmdisk, shmdisk.testing as t
+assert "pytest" not in sys.modules
+assert not hasattr(t, "shmdisk_fixture")
+name = t.unique_name("nopytest")
+try:
+    with t.assert_no_leaks():
+        shmdisk.create(name, 1).disconnect()
+except t.LeakedSegmentsError as e:
+    assert e.names == [name]
+else:
+    raise SystemExit("leak not reported")
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
