@@ -1,0 +1,641 @@
+"""The NBD server at the wire level: a tiny hand-written client checks every reply byte."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import struct
+import tempfile
+import threading
+from collections.abc import Iterator
+
+import pytest
+from conftest import new_name
+
+import shmdisk
+from shmdisk.nbd import NBDServer
+from shmdisk.nbd import _proto as P
+
+TIMEOUT = 10.0
+
+
+class Client:
+    """Just enough of an NBD client to say anything, right or wrong, and read the answer."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(TIMEOUT)
+        self.sock.connect(path)
+        self.structured = False
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def recv(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise EOFError(f"server closed after {len(buf)} of {n} bytes")
+            buf += chunk
+        return bytes(buf)
+
+    def closed_by_server(self) -> bool:
+        """True once the server has hung up: end-of-file (after any unread replies) or reset."""
+        try:
+            while self.sock.recv(65536):
+                pass
+        except ConnectionResetError:
+            pass
+        return True
+
+    # --- handshake ---
+    def greet(self, client_flags: int = P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES) -> int:
+        magic, opt_magic, flags = P.GREETING.unpack(self.recv(P.GREETING.size))
+        assert (magic, opt_magic) == (P.NBDMAGIC, P.IHAVEOPT)
+        self.sock.sendall(P.CLIENT_FLAGS.pack(client_flags))
+        return int(flags)
+
+    def option(self, option: int, data: bytes = b"") -> None:
+        self.sock.sendall(P.OPTION_HEADER.pack(P.IHAVEOPT, option, len(data)) + data)
+
+    def reply(self, option: int) -> tuple[int, bytes]:
+        magic, opt, kind, length = P.OPTION_REPLY.unpack(self.recv(P.OPTION_REPLY.size))
+        assert magic == P.REPLY_MAGIC and opt == option
+        return kind, self.recv(length)
+
+    def replies(self, option: int) -> list[tuple[int, bytes]]:
+        """All replies up to and including the final one (ACK or an error)."""
+        out = []
+        while True:
+            kind, data = self.reply(option)
+            out.append((kind, data))
+            if kind == P.REP_ACK or kind & (1 << 31):
+                return out
+
+    def go(
+        self, name: str = "", infos: tuple[int, ...] = (), option: int = P.OPT_GO
+    ) -> list[tuple[int, bytes]]:
+        raw = name.encode()
+        data = struct.pack(f">I{len(raw)}sH{len(infos)}H", len(raw), raw, len(infos), *infos)
+        self.option(option, data)
+        return self.replies(option)
+
+    def start(self, name: str = "", *, structured: bool = False, meta: bool = False) -> int:
+        """Greet, negotiate, GO; returns the transmission flags."""
+        self.greet()
+        if structured:
+            self.option(P.OPT_STRUCTURED_REPLY)
+            assert self.reply(P.OPT_STRUCTURED_REPLY)[0] == P.REP_ACK
+            self.structured = True
+        if meta:
+            assert self.set_meta(name, [P.META_BASE_ALLOCATION])[-1][0] == P.REP_ACK
+        replies = self.go(name, (P.INFO_BLOCK_SIZE,))
+        assert replies[-1][0] == P.REP_ACK, replies
+        return info_export(replies)[1]
+
+    def set_meta(
+        self, name: str, queries: list[str], option: int = P.OPT_SET_META_CONTEXT
+    ) -> list[tuple[int, bytes]]:
+        data = struct.pack(">I", len(name)) + name.encode() + struct.pack(">I", len(queries))
+        for q in queries:
+            data += struct.pack(">I", len(q)) + q.encode()
+        self.option(option, data)
+        return self.replies(option)
+
+    # --- transmission ---
+    def request(
+        self, cmd: int, offset: int = 0, length: int = 0, flags: int = 0, data: bytes = b""
+    ) -> int:
+        handle = int.from_bytes(os.urandom(8), "big")
+        self.sock.sendall(
+            P.REQUEST.pack(P.REQUEST_MAGIC, flags, cmd, handle, offset, length) + data
+        )
+        return handle
+
+    def simple(self, handle: int, payload: int = 0) -> tuple[int, bytes]:
+        magic, error, h = P.SIMPLE_REPLY.unpack(self.recv(P.SIMPLE_REPLY.size))
+        assert magic == P.SIMPLE_REPLY_MAGIC and h == handle
+        return error, self.recv(payload) if error == 0 else b""
+
+    def chunks(self, handle: int) -> list[tuple[int, int, bytes]]:
+        """(flags, type, payload) of every structured chunk of one reply; simple replies too."""
+        out = []
+        while True:
+            magic = struct.unpack(">I", self.recv(4))[0]
+            if magic == P.SIMPLE_REPLY_MAGIC:
+                error, h = struct.unpack(">IQ", self.recv(12))
+                assert h == handle
+                return [(P.REPLY_FLAG_DONE, -1, struct.pack(">I", error))]
+            assert magic == P.STRUCTURED_REPLY_MAGIC
+            flags, kind, h, length = struct.unpack(">HHQI", self.recv(16))
+            assert h == handle
+            out.append((flags, kind, self.recv(length)))
+            if flags & P.REPLY_FLAG_DONE:
+                return out
+
+    def error_of(self, handle: int) -> int:
+        """The error of a payload-less reply (simple or structured), 0 for success."""
+        if not self.structured:
+            return self.simple(handle)[0]
+        chunks = self.chunks(handle)
+        for _flags, kind, payload in chunks:
+            if kind == -1:
+                return int(struct.unpack(">I", payload)[0])
+            if kind & (1 << 15):
+                return int(struct.unpack_from(">I", payload)[0])
+        return 0
+
+    def read(self, offset: int, length: int, flags: int = 0) -> bytes:
+        handle = self.request(P.CMD_READ, offset, length, flags)
+        if not self.structured:
+            error, data = self.simple(handle, length)
+            assert error == 0, error
+            return data
+        out = bytearray(length)
+        for _flags, kind, payload in self.chunks(handle):
+            if kind == P.REPLY_TYPE_OFFSET_DATA:
+                (at,) = struct.unpack_from(">Q", payload)
+                out[at - offset : at - offset + len(payload) - 8] = payload[8:]
+            elif kind == P.REPLY_TYPE_OFFSET_HOLE:
+                at, n = struct.unpack(">QI", payload)
+                out[at - offset : at - offset + n] = bytes(n)
+            else:
+                raise AssertionError(f"unexpected chunk type {kind}")
+        return bytes(out)
+
+    def write(self, offset: int, data: bytes, flags: int = 0) -> int:
+        return self.error_of(self.request(P.CMD_WRITE, offset, len(data), flags, data))
+
+
+def info_export(replies: list[tuple[int, bytes]]) -> tuple[int, int]:
+    for kind, data in replies:
+        if kind == P.REP_INFO and struct.unpack_from(">H", data)[0] == P.INFO_EXPORT:
+            _, size, flags = P.INFO_EXPORT_PAYLOAD.unpack(data)
+            return size, flags
+    raise AssertionError(f"no NBD_INFO_EXPORT in {replies}")
+
+
+def info_of(replies: list[tuple[int, bytes]], info: int) -> bytes | None:
+    for kind, data in replies:
+        if kind == P.REP_INFO and struct.unpack_from(">H", data)[0] == info:
+            return data[2:]
+    return None
+
+
+@pytest.fixture
+def sockdir() -> Iterator[str]:
+    # Unix socket paths are limited to 107 bytes, so not pytest's long tmp_path.
+    d = tempfile.mkdtemp(prefix="nbd", dir="/tmp")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def disks() -> Iterator[list[shmdisk.Disk]]:
+    """Two small disks: 64 sectors of 512 bytes, and 16 sectors of 4096 bytes."""
+    names = [new_name("nbd"), new_name("nbd")]
+    made = [shmdisk.create(names[0], 64), shmdisk.create(names[1], 16, 4096)]
+    yield made
+    for d in made:
+        d.disconnect()
+    for n in names:
+        shmdisk.destroy(n)
+
+
+@pytest.fixture
+def server(disks: list[shmdisk.Disk], sockdir: str) -> Iterator[NBDServer]:
+    with NBDServer(disks, socket_path=os.path.join(sockdir, "s")) as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(server: NBDServer) -> Iterator[Client]:
+    c = Client(str(server.address))
+    yield c
+    c.close()
+
+
+def test_list_and_unknown_options(server: NBDServer, disks: list[shmdisk.Disk]) -> None:
+    """LIST names every export in order; unknown options get ERR_UNSUP and talk goes on."""
+    c = Client(str(server.address))
+    try:
+        flags = c.greet()
+        assert flags == P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES
+        c.option(P.OPT_LIST)
+        replies = c.replies(P.OPT_LIST)
+        names = [d[4 : 4 + struct.unpack_from(">I", d)[0]].decode() for _, d in replies[:-1]]
+        assert names == [d.name for d in disks]
+        assert replies[-1][0] == P.REP_ACK
+        c.option(P.OPT_LIST, b"x")
+        assert c.reply(P.OPT_LIST)[0] == P.REP_ERR_INVALID
+        for unknown in (4, 5, 99, 0xFFFF):
+            c.option(unknown, b"some payload")
+            assert c.reply(unknown)[0] == P.REP_ERR_UNSUP
+        replies = c.go(disks[1].name)
+        assert replies[-1][0] == P.REP_ACK
+        assert info_export(replies)[0] == 16 * 4096
+    finally:
+        c.close()
+
+
+def test_info_reports_size_flags_and_block_sizes(client: Client, disks: list[shmdisk.Disk]) -> None:
+    """INFO gives size, transmission flags, name, description and block sizes; GO goes on."""
+    client.greet()
+    replies = client.go("", (P.INFO_NAME, P.INFO_DESCRIPTION, P.INFO_BLOCK_SIZE), option=P.OPT_INFO)
+    assert replies[-1][0] == P.REP_ACK
+    size, flags = info_export(replies)
+    assert size == 64 * 512
+    want = (
+        P.FLAG_HAS_FLAGS
+        | P.FLAG_SEND_FLUSH
+        | P.FLAG_SEND_FUA
+        | P.FLAG_SEND_TRIM
+        | P.FLAG_SEND_WRITE_ZEROES
+        | P.FLAG_SEND_FAST_ZERO
+        | P.FLAG_CAN_MULTI_CONN
+        | P.FLAG_SEND_CACHE
+    )
+    assert flags == want
+    assert info_of(replies, P.INFO_NAME) == disks[0].name.encode()
+    assert disks[0].name.encode() in (info_of(replies, P.INFO_DESCRIPTION) or b"")
+    minimum, preferred, maximum = struct.unpack(">III", info_of(replies, P.INFO_BLOCK_SIZE) or b"")
+    assert (minimum, preferred, maximum) == (512, max(4096, disks[0].page_size), P.MAX_REQUEST)
+    replies = client.go(disks[1].name, (P.INFO_BLOCK_SIZE,), option=P.OPT_INFO)
+    assert struct.unpack(">III", info_of(replies, P.INFO_BLOCK_SIZE) or b"")[0] == 4096
+    replies = client.go("no-such-export")
+    assert [k for k, _ in replies] == [P.REP_ERR_UNKNOWN]
+    assert client.go()[-1][0] == P.REP_ACK
+    assert client.read(0, 512) == bytes(512)
+
+
+@pytest.mark.parametrize("no_zeroes", [True, False])
+def test_export_name_then_simple_io(
+    client: Client, disks: list[shmdisk.Disk], no_zeroes: bool
+) -> None:
+    """EXPORT_NAME enters transmission (124 zero bytes unless NO_ZEROES); data round-trips."""
+    client.greet(P.FLAG_C_FIXED_NEWSTYLE | (P.FLAG_C_NO_ZEROES if no_zeroes else 0))
+    client.option(P.OPT_EXPORT_NAME, disks[0].name.encode())
+    size, flags = P.EXPORT_NAME_REPLY.unpack(client.recv(P.EXPORT_NAME_REPLY.size))
+    assert size == 64 * 512 and flags & P.FLAG_CAN_MULTI_CONN
+    if not no_zeroes:
+        assert client.recv(124) == bytes(124)
+    payload = os.urandom(1500)
+    assert client.write(700, payload) == 0  # unaligned is fine: no block size was agreed
+    assert client.read(700, 1500) == payload
+    expect = bytearray(2560)
+    disks[0].read(0, expect)
+    assert bytes(expect[700:2200]) == payload
+    disks[0].write(4, b"L" * 512)
+    assert client.read(2048, 512) == b"L" * 512
+    client.request(P.CMD_DISC)
+    assert client.closed_by_server()
+
+
+def test_export_name_unknown_hangs_up(client: Client) -> None:
+    """EXPORT_NAME cannot fail politely: an unknown name closes the connection."""
+    client.greet()
+    client.option(P.OPT_EXPORT_NAME, b"nope")
+    assert client.closed_by_server()
+
+
+def test_errors_keep_the_connection(client: Client, disks: list[shmdisk.Disk]) -> None:
+    """Out of range, unknown commands and flags fail with the spec's errno; the next works."""
+    client.start()
+    size = 64 * 512
+    assert client.error_of(client.request(P.CMD_READ, size - 512, 1024)) == P.EINVAL
+    assert client.write(size - 512, bytes(1024)) == P.ENOSPC
+    assert client.error_of(client.request(P.CMD_WRITE_ZEROES, size, 512)) == P.ENOSPC
+    assert client.error_of(client.request(P.CMD_TRIM, size, 512)) == P.EINVAL
+    assert client.error_of(client.request(P.CMD_CACHE, size, 512)) == P.EINVAL
+    assert client.error_of(client.request(42, 0, 512)) == P.EINVAL
+    assert client.error_of(client.request(P.CMD_READ, 0, 512, flags=1 << 9)) == P.EINVAL
+    assert client.error_of(client.request(P.CMD_READ, 0, 512, flags=P.CMD_FLAG_DF)) == P.EINVAL
+    assert client.error_of(client.request(P.CMD_FLUSH, 512, 0)) == P.EINVAL
+    assert client.error_of(client.request(P.CMD_BLOCK_STATUS, 0, 512)) == P.EINVAL
+    too_big = client.request(P.CMD_READ, 0, P.MAX_REQUEST + 512)
+    assert client.error_of(too_big) == P.EINVAL
+    # The client asked for block sizes in GO, so it promised 512-byte alignment.
+    assert client.error_of(client.request(P.CMD_READ, 1, 512)) == P.EINVAL
+    assert client.write(0, b"x" * 100) == P.EINVAL
+    assert client.error_of(client.request(P.CMD_FLUSH)) == 0
+    assert client.error_of(client.request(P.CMD_CACHE, 0, size)) == 0
+    assert client.write(512, b"y" * 512, flags=P.CMD_FLAG_FUA) == 0
+    assert client.read(512, 512) == b"y" * 512
+
+
+def test_structured_reads_holes_and_errors(client: Client, disks: list[shmdisk.Disk]) -> None:
+    """Structured READ: one data chunk, a hole chunk for unmapped pages, error chunks."""
+    flags = client.start(structured=True)
+    assert flags & P.FLAG_SEND_DF
+    disk = disks[0]
+    page = disk.page_size
+    disk.write_at(page, b"d" * 1024)
+    handle = client.request(P.CMD_READ, page, 1024, P.CMD_FLAG_DF)
+    [(cflags, kind, payload)] = client.chunks(handle)
+    assert (cflags, kind) == (P.REPLY_FLAG_DONE, P.REPLY_TYPE_OFFSET_DATA)
+    assert payload == struct.pack(">Q", page) + b"d" * 1024
+    handle = client.request(P.CMD_READ, 2 * page, 1024)
+    [(cflags, kind, payload)] = client.chunks(handle)
+    assert kind == P.REPLY_TYPE_OFFSET_HOLE and payload == struct.pack(">QI", 2 * page, 1024)
+    handle = client.request(P.CMD_READ, 64 * 512, 512)
+    [(cflags, kind, payload)] = client.chunks(handle)
+    assert cflags == P.REPLY_FLAG_DONE and kind == P.REPLY_TYPE_ERROR
+    error, msg_len = P.ERROR_PAYLOAD.unpack_from(payload)
+    assert error == P.EINVAL and len(payload) == 6 + msg_len
+    handle = client.request(P.CMD_READ, 0, 0)
+    assert client.chunks(handle) == [(P.REPLY_FLAG_DONE, P.REPLY_TYPE_NONE, b"")]
+    assert client.read(page - 512, 2048) == bytes(512) + b"d" * 1024 + bytes(512)
+
+
+def block_status(client: Client, offset: int, length: int, flags: int = 0) -> list[tuple[int, int]]:
+    handle = client.request(P.CMD_BLOCK_STATUS, offset, length, flags)
+    [(cflags, kind, payload)] = client.chunks(handle)
+    assert cflags == P.REPLY_FLAG_DONE and kind == P.REPLY_TYPE_BLOCK_STATUS
+    (context,) = struct.unpack_from(">I", payload)
+    assert context == P.META_BASE_ALLOCATION_ID
+    return [struct.unpack_from(">II", payload, 4 + 8 * i) for i in range((len(payload) - 4) // 8)]
+
+
+def test_block_status_follows_the_page_map(client: Client, disks: list[shmdisk.Disk]) -> None:
+    """base:allocation extents are the disk's extents; holes read as zero; REQ_ONE gives one."""
+    disk = disks[0]
+    page = disk.page_size
+    size = 64 * 512
+    disk.write_at(page + 100, b"a")
+    disk.write_at(3 * page, b"b" * page)
+    client.start(structured=True, meta=True)
+    hole = P.STATE_HOLE | P.STATE_ZERO
+    want = []
+    for e in disk.extents():
+        want.append((e.n_sectors * 512, 0 if e.mapped else hole))
+    assert block_status(client, 0, size) == want
+    assert want[0] == (page, hole) and want[1] == (page, 0)
+    assert block_status(client, 0, size, P.CMD_FLAG_REQ_ONE) == [(page, hole)]
+    assert block_status(client, 512, 1024, P.CMD_FLAG_REQ_ONE) == [(1024, hole)]
+    assert block_status(client, 0, page + 512) == [(page, hole), (512, 0)]
+    handle = client.request(P.CMD_BLOCK_STATUS, size - 512, 1024)
+    assert client.error_of(handle) == P.EINVAL
+
+
+def test_meta_context_negotiation(client: Client, disks: list[shmdisk.Disk]) -> None:
+    """LIST/SET_META_CONTEXT: base:allocation only, after structured replies, per export."""
+    client.greet()
+    name = disks[0].name
+    assert client.set_meta(name, [P.META_BASE_ALLOCATION])[-1][0] == P.REP_ERR_INVALID
+    client.option(P.OPT_STRUCTURED_REPLY)
+    assert client.reply(P.OPT_STRUCTURED_REPLY)[0] == P.REP_ACK
+    for queries in ([], ["base:"], ["base:allocation", "qemu:dirty-bitmap:x"]):
+        replies = client.set_meta(name, queries, option=P.OPT_LIST_META_CONTEXT)
+        assert replies == [
+            (P.REP_META_CONTEXT, b"\0\0\0\0" + b"base:allocation"),
+            (P.REP_ACK, b""),
+        ]
+    assert client.set_meta(name, ["x-other:thing"]) == [(P.REP_ACK, b"")]
+    assert client.set_meta(name, ["base:"]) == [(P.REP_ACK, b"")]
+    assert client.set_meta("nope", [P.META_BASE_ALLOCATION])[-1][0] == P.REP_ERR_UNKNOWN
+    client.option(P.OPT_SET_META_CONTEXT, b"\0\0\0\x09abc")
+    assert client.reply(P.OPT_SET_META_CONTEXT)[0] == P.REP_ERR_INVALID
+    replies = client.set_meta(name, [P.META_BASE_ALLOCATION])
+    assert replies[0] == (P.REP_META_CONTEXT, b"\0\0\0\x01base:allocation")
+    # Selected for the first export, but GO picks the second: no block status there.
+    assert client.go(disks[1].name)[-1][0] == P.REP_ACK
+    client.structured = True
+    assert client.error_of(client.request(P.CMD_BLOCK_STATUS, 0, 4096)) == P.EINVAL
+
+
+def test_trim_and_write_zeroes(client: Client, disks: list[shmdisk.Disk]) -> None:
+    """TRIM frees pages; WRITE_ZEROES zeros exactly its range, NO_HOLE keeps pages mapped."""
+    disk = disks[0]
+    page = disk.page_size
+    size = 64 * 512
+    disk.write_at(0, b"\xff" * size)
+    client.start()
+    mapped = disk.mapped_pages()
+    assert client.error_of(client.request(P.CMD_TRIM, 0, page)) == 0
+    assert disk.mapped_pages() == mapped - 1
+    assert client.read(0, page) == bytes(page)
+    flags = P.CMD_FLAG_NO_HOLE
+    assert client.error_of(client.request(P.CMD_WRITE_ZEROES, page, page, flags)) == 0
+    assert disk.mapped_pages() == mapped - 1
+    flags = P.CMD_FLAG_FAST_ZERO
+    assert client.error_of(client.request(P.CMD_WRITE_ZEROES, 2 * page, page, flags)) == 0
+    assert disk.mapped_pages() == mapped - 2
+    expect = bytearray(b"\xff" * size)
+    expect[: 3 * page] = bytes(3 * page)
+    got = bytearray(size)
+    disk.read(0, got)
+    assert got == expect
+
+
+def test_unaligned_trim_and_zero_without_block_size_promise(
+    client: Client, disks: list[shmdisk.Disk]
+) -> None:
+    """A client that never agreed to block sizes may zero any byte range, exactly."""
+    disk = disks[0]
+    size = 64 * 512
+    disk.write_at(0, b"\xee" * size)
+    client.greet()
+    assert client.go()[-1][0] == P.REP_ACK  # no NBD_INFO_BLOCK_SIZE request: default sizes
+    assert client.error_of(client.request(P.CMD_WRITE_ZEROES, 300, 2000)) == 0
+    assert client.error_of(client.request(P.CMD_WRITE_ZEROES, 5000, 10)) == 0
+    assert client.error_of(client.request(P.CMD_TRIM, 10000, 100)) == 0  # a hint: no change
+    expect = bytearray(b"\xee" * size)
+    expect[300:2300] = bytes(2000)
+    expect[5000:5010] = bytes(10)
+    got = bytearray(size)
+    disk.read(0, got)
+    assert got == expect
+    assert client.read(1, 3000) == bytes(expect[1:3001])
+
+
+def test_read_only_export_refuses_writes(disks: list[shmdisk.Disk], sockdir: str) -> None:
+    """--read-only: READ_ONLY flag, EPERM for WRITE/TRIM/WRITE_ZEROES, data untouched."""
+    disks[0].write_at(0, b"keep" * 128)
+    names = [d.name for d in disks]
+    with NBDServer(names, socket_path=os.path.join(sockdir, "ro"), read_only=True) as srv:
+        c = Client(str(srv.address))
+        try:
+            flags = c.start(structured=True)
+            assert flags & P.FLAG_READ_ONLY
+            assert not flags & (P.FLAG_SEND_TRIM | P.FLAG_SEND_WRITE_ZEROES)
+            assert c.write(0, b"x" * 512) == P.EPERM
+            assert c.error_of(c.request(P.CMD_TRIM, 0, 512)) == P.EPERM
+            assert c.error_of(c.request(P.CMD_WRITE_ZEROES, 0, 512)) == P.EPERM
+            assert c.read(0, 512) == b"keep" * 128
+        finally:
+            c.close()
+    got = bytearray(512)
+    disks[0].read(0, got)
+    assert got == b"keep" * 128
+
+
+def test_several_exports_by_name(server: NBDServer, disks: list[shmdisk.Disk]) -> None:
+    """Each export name reaches its own disk; the empty name is the first disk."""
+    clients = [Client(str(server.address)) for _ in range(3)]
+    try:
+        clients[0].start(disks[0].name)
+        clients[1].start(disks[1].name)
+        clients[2].start("")
+        assert clients[0].write(0, b"A" * 512) == 0
+        assert clients[1].write(0, b"B" * 4096) == 0
+        assert clients[2].read(0, 512) == b"A" * 512
+        assert clients[1].read(0, 4096) == b"B" * 4096
+        assert clients[1].error_of(clients[1].request(P.CMD_READ, 0, 512)) == P.EINVAL
+        got = bytearray(4096)
+        disks[1].read(0, got)
+        assert got == b"B" * 4096
+    finally:
+        for c in clients:
+            c.close()
+
+
+BAD_CLIENTS = {
+    "garbage greeting reply": lambda c: c.sock.sendall(os.urandom(64)),
+    "bad client flags": lambda c: c.sock.sendall(struct.pack(">I", 0x80)),
+    "bad option magic": lambda c: (c.greet(), c.sock.sendall(os.urandom(32))),
+    "huge option": lambda c: (
+        c.greet(),
+        c.sock.sendall(P.OPTION_HEADER.pack(P.IHAVEOPT, P.OPT_GO, 1 << 30)),
+    ),
+    "truncated option": lambda c: (
+        c.greet(),
+        c.sock.sendall(P.OPTION_HEADER.pack(P.IHAVEOPT, P.OPT_GO, 100) + b"abc"),
+    ),
+    "garbage request": lambda c: (c.start(), c.sock.sendall(os.urandom(28))),
+    "truncated request": lambda c: (
+        c.start(),
+        c.sock.sendall(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, 1, 0, 512)[:13]),
+    ),
+    "truncated write payload": lambda c: (
+        c.start(),
+        c.sock.sendall(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, 1, 0, 4096) + b"z" * 1000),
+    ),
+    "oversize write": lambda c: (
+        c.start(),
+        c.sock.sendall(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, 1, 0, P.MAX_REQUEST + 512)),
+    ),
+}
+
+
+@pytest.mark.parametrize("misdeed", sorted(BAD_CLIENTS))
+def test_bad_client_does_not_disturb_a_good_one(
+    server: NBDServer, disks: list[shmdisk.Disk], misdeed: str
+) -> None:
+    """Garbage, truncation or oversize requests cost only the offender's connection."""
+    good = Client(str(server.address))
+    bad = Client(str(server.address))
+    try:
+        good.start(structured=True)
+        assert good.write(0, b"1" * 512) == 0
+        BAD_CLIENTS[misdeed](bad)
+        if misdeed.startswith("truncated"):
+            bad.sock.shutdown(socket.SHUT_WR)  # the rest never comes
+        assert bad.closed_by_server()
+        assert good.write(512, b"2" * 512) == 0
+        assert good.read(0, 1024) == b"1" * 512 + b"2" * 512
+        fresh = Client(str(server.address))
+        try:
+            fresh.start()
+            assert fresh.read(0, 1024) == b"1" * 512 + b"2" * 512
+        finally:
+            fresh.close()
+    finally:
+        good.close()
+        bad.close()
+    got = bytearray(1024)
+    disks[0].read(0, got)
+    assert got == b"1" * 512 + b"2" * 512
+
+
+def test_abort_is_acknowledged(client: Client) -> None:
+    """NBD_OPT_ABORT gets an ACK, then the server hangs up."""
+    client.greet()
+    client.option(P.OPT_ABORT)
+    assert client.reply(P.OPT_ABORT) == (P.REP_ACK, b"")
+    assert client.closed_by_server()
+
+
+def test_many_clients_at_once(server: NBDServer, disks: list[shmdisk.Disk]) -> None:
+    """Eight connections write and read their own sectors concurrently, all land."""
+    failures: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            c = Client(str(server.address))
+            try:
+                c.start(structured=i % 2 == 0)
+                mine = bytes([i + 1]) * 512
+                for _ in range(20):
+                    assert c.write(i * 1024, mine * 2) == 0
+                    assert c.read(i * 1024, 1024) == mine * 2
+            finally:
+                c.close()
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    assert not any(t.is_alive() for t in threads)
+    assert not failures, failures
+    got = bytearray(8 * 1024)
+    disks[0].read(0, got)
+    assert got == b"".join(bytes([i + 1]) * 1024 for i in range(8))
+
+
+def test_stop_ends_connections_and_removes_the_socket(
+    disks: list[shmdisk.Disk], sockdir: str
+) -> None:
+    """stop() hangs up on connected clients, refuses new ones, and unlinks the socket file."""
+    path = os.path.join(sockdir, "stop")
+    srv = NBDServer(disks, socket_path=path).start()
+    c = Client(path)
+    try:
+        c.start()
+        assert os.path.exists(path)
+        srv.stop()
+        assert c.closed_by_server()
+        assert not os.path.exists(path)
+        with pytest.raises(OSError):
+            Client(path)
+    finally:
+        c.close()
+        srv.stop()
+
+
+def test_stale_socket_is_replaced_but_a_live_one_is_not(
+    disks: list[shmdisk.Disk], sockdir: str
+) -> None:
+    """A socket file left by a dead server is reused; a live server's socket is refused."""
+    path = os.path.join(sockdir, "stale")
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(path)
+    dead.close()
+    with NBDServer(disks, socket_path=path):
+        with pytest.raises(FileExistsError):
+            NBDServer(disks, socket_path=path).start()
+        c = Client(path)
+        c.start()
+        c.close()
+    assert not os.path.exists(path)
+
+
+def test_tcp_loopback(disks: list[shmdisk.Disk]) -> None:
+    """TCP on 127.0.0.1 with an ephemeral port serves the same protocol."""
+    with NBDServer(disks, host="127.0.0.1", port=0) as srv:
+        host, port = srv.address  # type: ignore[misc]
+        assert host == "127.0.0.1" and port > 0
+        assert srv.uri() == f"nbd://127.0.0.1:{port}/{disks[0].name}"
+        s = socket.create_connection((host, port), timeout=TIMEOUT)
+        c = Client.__new__(Client)
+        c.sock, c.structured = s, False
+        try:
+            c.start()
+            assert c.write(0, b"t" * 512) == 0
+            assert c.read(0, 512) == b"t" * 512
+        finally:
+            c.close()
