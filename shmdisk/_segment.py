@@ -6,6 +6,7 @@ descriptor and mapping* lives in ``disk.py``.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -173,27 +174,41 @@ def create_segment(
 
 def read_header(fd: int) -> tuple[L.Header, int]:
     """The header as it is now (via pread: nothing is mapped yet) and the file size."""
-    size = os.fstat(fd).st_size
+    # Magic before size: a creator sets the size before it writes the magic, so a size read
+    # after seeing the magic is never the size of a file still being made.
     raw = os.pread(fd, L.HEADER.size, 0)
+    size = os.fstat(fd).st_size
     if len(raw) < L.HEADER.size:
         raw = raw + bytes(L.HEADER.size - len(raw))
     return L.Header.unpack(raw), size
 
 
+def _open_existing(name: str, read_only: bool) -> int:
+    """Open a segment that exists, refusing anything that is not a regular file.
+
+    Opened directly rather than through posix_ipc (same path, same flags as shm_open) because
+    shm_open cannot add O_NONBLOCK: a FIFO carrying our prefix would block the open forever.
+    """
+    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_NONBLOCK | os.O_NOFOLLOW
+    try:
+        fd = os.open(segment_path(name), flags | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise DiskNotFoundError(f"no disk named {name!r}") from None
+    except (IsADirectoryError, NotADirectoryError):
+        raise CorruptSegmentError(f"disk {name!r}: not a regular file") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # O_NOFOLLOW met a symbolic link
+            raise CorruptSegmentError(f"disk {name!r}: is a symbolic link") from None
+        raise _os_error(e, name) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CorruptSegmentError(f"disk {name!r}: not a regular file")
+    return fd
+
+
 def open_segment(name: str, read_only: bool) -> Opened:
     """Open an existing segment and validate its header; wait for a creator to finish."""
-    try:
-        shm = posix_ipc.SharedMemory(
-            _ipc_name(name),
-            0,
-            read_only=read_only,
-            size=0,  # size=0: never resize
-        )
-    except posix_ipc.ExistentialError:
-        raise DiskNotFoundError(f"no disk named {name!r}") from None
-    except (posix_ipc.Error, OSError) as e:
-        raise _os_error(e, name) from None
-    fd = shm.fd
+    fd = _open_existing(name, read_only)
     try:
         header, size = read_header(fd)
         if header.magic == 0:
@@ -261,12 +276,9 @@ def destroy_segment(name: str, timeout: float) -> None:
     """
     path = segment_path(name)
     try:
-        shm = posix_ipc.SharedMemory(_ipc_name(name), 0, size=0)
-    except posix_ipc.ExistentialError:
+        fd = _open_existing(name, read_only=False)
+    except DiskNotFoundError:
         return
-    except (posix_ipc.Error, OSError) as e:
-        raise _os_error(e, name) from None
-    fd = shm.fd
     try:
         _locks.lock_within(fd, _locks.WRLCK, _locks.WHOLE_START, _locks.WHOLE_LEN, timeout)
         try:
@@ -321,17 +333,25 @@ def inspect(name: str) -> SegmentInfo:
 
     path = segment_path(name)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise DiskNotFoundError(f"no disk named {name!r}") from None
+    if not stat.S_ISREG(st.st_mode):
+        return _odd_file(name, path, st, "not a regular file")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         raise DiskNotFoundError(f"no disk named {name!r}") from None
     except PermissionError:
         raise PermissionDeniedError(f"disk {name!r}: permission denied") from None
     except OSError as e:
-        raise _os_error(e, name) from None
+        return _odd_file(name, path, st, f"cannot open: {e.strerror}")
     try:
         st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return _odd_file(name, path, st, "not a regular file")
         header, size = read_header(fd)
-        problem = header.problem(size) if stat.S_ISREG(st.st_mode) else "not a regular file"
+        problem = header.problem(size)
         if header.magic == 0:
             state = "incomplete"
         elif header.magic == L.MAGIC and header.version != L.VERSION:
@@ -369,3 +389,27 @@ def inspect(name: str) -> SegmentInfo:
         )
     finally:
         os.close(fd)
+
+
+def _odd_file(name: str, path: str, st: os.stat_result, problem: str) -> SegmentInfo:
+    """What inspect says of an entry with our prefix that is no segment at all."""
+    return SegmentInfo(
+        name=name,
+        path=path,
+        state="corrupt",
+        problem=problem,
+        sector_size=None,
+        page_size=None,
+        size_sectors=None,
+        max_size_sectors=None,
+        mapped_pages=None,
+        generation=None,
+        created_ns=None,
+        creator_pid=None,
+        creator_uid=None,
+        uid=st.st_uid,
+        gid=st.st_gid,
+        mode=stat.S_IMODE(st.st_mode),
+        file_bytes=st.st_size,
+        allocated_bytes=st.st_blocks * 512,
+    )
