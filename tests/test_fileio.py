@@ -404,7 +404,7 @@ def test_concurrent_unaligned_writers_are_never_torn(make_disk: MakeDisk) -> Non
     offset, length = disk.page_size - 333, 2 * disk.page_size + 777
     ctx = multiprocessing.get_context("spawn")
     children = [
-        ctx.Process(target=_hammer, args=(disk.name, fill, offset, length, 1.0))
+        ctx.Process(target=_hammer, args=(disk.name, fill, offset, length, 0.5))
         for fill in (0x11, 0x22)
     ]
     for child in children:
