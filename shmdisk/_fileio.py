@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import io
+import operator
 import os
 from typing import TYPE_CHECKING, BinaryIO, cast
 
@@ -126,7 +127,7 @@ class DiskRawIO(io.RawIOBase):
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         self._checkClosed()
-        offset = offset.__index__()
+        offset = operator.index(offset)
         if whence == os.SEEK_SET:
             pos = offset
         elif whence == os.SEEK_CUR:

@@ -27,7 +27,7 @@ import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 import shmdisk
 
@@ -109,15 +109,25 @@ async def create(
     name: str,
     size_sectors: int,
     sector_size: int = shmdisk.DEFAULT_SECTOR_SIZE,
-    **kwargs: Any,
+    *,
+    mode: int = 0o600,
+    max_size_sectors: int | None = None,
 ) -> AsyncDisk:
     """``shmdisk.create`` as a coroutine; same arguments and errors."""
-    return AsyncDisk(await _run(shmdisk.create, name, size_sectors, sector_size, **kwargs))
+    disk = await _run(
+        shmdisk.create,
+        name,
+        size_sectors,
+        sector_size,
+        mode=mode,
+        max_size_sectors=max_size_sectors,
+    )
+    return AsyncDisk(disk)
 
 
-async def connect(name: str, **kwargs: Any) -> AsyncDisk:
-    """``shmdisk.connect`` as a coroutine; same arguments (``read_only``, ``create``) and errors."""
-    return AsyncDisk(await _run(shmdisk.connect, name, **kwargs))
+async def connect(name: str, *, read_only: bool = False, create: bool = True) -> AsyncDisk:
+    """``shmdisk.connect`` as a coroutine; same arguments and errors."""
+    return AsyncDisk(await _run(shmdisk.connect, name, read_only=read_only, create=create))
 
 
 async def destroy(name: str) -> None:

@@ -153,6 +153,8 @@ def test_seek_and_tell_with_all_three_whences(make_disk: MakeDisk) -> None:
             assert info.value.errno == errno.EINVAL
             with pytest.raises(ValueError):
                 f.seek(0, 7)
+            with pytest.raises(TypeError):
+                f.seek(1.5)  # type: ignore[arg-type]
 
 
 def test_write_at_or_past_the_end_fails_with_enospc(make_disk: MakeDisk) -> None:
