@@ -1,0 +1,27 @@
+"""Permissions: a disk made with the default mode is closed to other users."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import stress  # tools/ is not a package: found through the line above
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to uid 65534")
+def test_other_uid_is_refused() -> None:
+    """A forked child as uid 65534 gets PermissionDeniedError on connect and destroy."""
+    r = stress.run_permissions(stress.Options(seed=8))
+    assert r.ok, r.problems
+    out = r.figures["outcomes"]
+    assert r.figures["default_mode"] == "600"
+    assert out["connect 0600"] == "PermissionDeniedError"
+    assert out["connect 0600 read_only"] == "PermissionDeniedError"
+    assert out["destroy 0600"] == "PermissionDeniedError"
+    assert out["destroy 0644"] == "PermissionDeniedError"
+    assert out["write via read_only 0644"] == "IsReadOnlyError"
