@@ -326,7 +326,7 @@ def test_errors_keep_the_connection(client: Client, disks: list[shmdisk.Disk]) -
 
 
 def test_structured_reads_holes_and_errors(client: Client, disks: list[shmdisk.Disk]) -> None:
-    """Structured READ: one data chunk, a hole chunk for unmapped pages, error chunks."""
+    """Structured READ: one final data chunk (zeros for unmapped pages), or an error chunk."""
     flags = client.start(structured=True)
     assert flags & P.FLAG_SEND_DF
     disk = disks[0]
@@ -338,7 +338,7 @@ def test_structured_reads_holes_and_errors(client: Client, disks: list[shmdisk.D
     assert payload == struct.pack(">Q", page) + b"d" * 1024
     handle = client.request(P.CMD_READ, 2 * page, 1024)
     [(cflags, kind, payload)] = client.chunks(handle)
-    assert kind == P.REPLY_TYPE_OFFSET_HOLE and payload == struct.pack(">QI", 2 * page, 1024)
+    assert kind == P.REPLY_TYPE_OFFSET_DATA and payload == struct.pack(">Q", 2 * page) + bytes(1024)
     handle = client.request(P.CMD_READ, 64 * 512, 512)
     [(cflags, kind, payload)] = client.chunks(handle)
     assert cflags == P.REPLY_FLAG_DONE and kind == P.REPLY_TYPE_ERROR

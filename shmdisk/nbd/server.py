@@ -422,7 +422,6 @@ class _Connection:
         simple_pack_into = P.SIMPLE_REPLY.pack_into
         read_at = disk.read_at
         write_at = disk.write_at
-        seek_mapped = disk.seek_mapped
         max_request = P.MAX_REQUEST
         data_start = _DATA_AT
         request_magic = P.REQUEST_MAGIC
@@ -451,31 +450,17 @@ class _Connection:
                     if length == 0:
                         self._reply_ok(handle, structured)
                         continue
+                    # No hole detection here: it would cost more per read than it saves, and
+                    # sparse-aware clients ask BLOCK_STATUS first and never read the holes.
                     data = buf[data_start : data_start + length]
                     try:
-                        # Nothing mapped in the range: say "zeros" instead of sending them.
-                        hole = structured and seek_mapped(offset // ss) * ss >= end
-                        if not hole:
-                            read_at(offset, data)
+                        read_at(offset, data)
                     except Exception as exc:
                         self._reply_error(handle, _error_code(exc, writing=False), str(exc), cmd)
                         continue
                     finally:
                         data.release()
                     self.bytes_read += length
-                    if hole:
-                        sendall(
-                            P.STRUCTURED_HOLE.pack(
-                                P.STRUCTURED_REPLY_MAGIC,
-                                done,
-                                P.REPLY_TYPE_OFFSET_HOLE,
-                                handle,
-                                12,
-                                offset,
-                                length,
-                            )
-                        )
-                        continue
                     if structured:
                         start = data_start - P.STRUCTURED_DATA.size
                         data_pack_into(
@@ -870,8 +855,10 @@ class NBDServer:
             return None
         try:
             info = export.disk.get_info()
-        except Exception:
-            return None  # destroyed or otherwise unusable: as good as unknown
+        except Exception as exc:
+            # Destroyed or otherwise unusable: as good as unknown, but say why.
+            log.warning("export %r is unavailable: %s", export.name, exc)
+            return None
         size = info.size_sectors * info.sector_size
         read_only = export.read_only or not info.read_write
         if size != export.size or read_only != export.read_only:
