@@ -25,3 +25,11 @@ def test_torture_checker_sees_split_writes() -> None:
     )
     assert r.ok, r.problems
     assert r.figures["torn_reads"] > 0
+
+
+def test_torture_threads_share_one_handle() -> None:
+    """2 processes x 2 threads, each process's threads on one Disk handle: 0 torn, 0 corrupt."""
+    r = stress.run_torture(stress.Options(duration=1.5, processes=2, threads=2, seed=9))
+    assert r.ok, r.problems
+    assert r.figures["torn_reads"] == 0 and r.figures["corrupt_reads"] == 0
+    assert r.figures["threads_per_process"] == 2

@@ -54,6 +54,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -121,6 +122,7 @@ class Options:
     examples: int = 300  # hostile: hypothesis examples per check
     tmpfs_size: str = "8M"  # enospc
     interval: float = 1.0  # seconds between progress lines
+    threads: int = 1  # torture: threads per process, sharing one Disk handle
     split_writes: bool = False  # torture self-test: non-atomic writes that must be caught
 
     def rng(self, salt: int = 0) -> random.Random:
@@ -230,6 +232,55 @@ def _write_request(disk: shmdisk.Disk, start: int, data: np.ndarray, rng: random
 _T_OPS, _T_READS, _T_WRITES, _T_TORN, _T_CORRUPT, _T_FIELDS = range(6)
 
 
+def _torture_loop(
+    disk: shmdisk.Disk,
+    writer: int,
+    rng: random.Random,
+    stop_at: float,
+    max_pages: int,
+    split: bool,
+    counters: Any,
+    slot: int,
+    problems: list[str],
+) -> None:
+    """One thread's random I/O: stamped writes, and reads checked for tearing."""
+    c = [0] * _T_FIELDS
+    base = slot * _T_FIELDS
+    ss = disk.sector_size
+    pps = disk.page_size // ss
+    size = disk.get_info().size_sectors
+    seq = 0
+    while time.monotonic() < stop_at:
+        for _ in range(32):
+            count = min(size, pick_count(rng, pps, max_pages))
+            start = rng.randrange(0, size - count + 1)
+            if rng.random() < 0.5:
+                seq += 1
+                data = stamp.make_request(writer, seq, start, count, ss)
+                if split:
+                    # Checker self-test: one request as several calls is *not* atomic.
+                    off = start
+                    for piece in split_views(memoryview(data), ss, rng):
+                        disk.write(off, piece)
+                        off += len(piece) // ss
+                else:
+                    _write_request(disk, start, data, rng)
+                c[_T_WRITES] += 1
+            else:
+                buf = _read_request(disk, start, count, rng)
+                v = stamp.check_read(buf, start, ss)
+                c[_T_READS] += 1
+                if v.torn:
+                    c[_T_TORN] += 1
+                if v.corrupt:
+                    c[_T_CORRUPT] += 1
+                if not v.ok and len(problems) < 5:
+                    problems.append(f"read [{start}, {start + count}): {(v.torn + v.corrupt)[0]}")
+            c[_T_OPS] += 1
+        for i, value in enumerate(c):
+            counters[base + i] = value
+
+
 def _torture_worker(
     name: str,
     wid: int,
@@ -237,62 +288,51 @@ def _torture_worker(
     duration: float,
     max_pages: int,
     split: bool,
+    threads: int,
     counters: Any,
     out: Any,
 ) -> None:
-    rng = random.Random(seed)
+    """One process: ``threads`` threads share one Disk handle (the handle is thread-safe)."""
     res: dict[str, Any] = {"wid": wid, "problems": [], "error": None}
-    c = [0] * _T_FIELDS
-    base = wid * _T_FIELDS
     t_start = t_end = time.monotonic()
+    errors: list[str] = []
     try:
         disk = shmdisk.connect(name, create=False)
-        ss = disk.sector_size
-        pps = disk.page_size // ss
-        size = disk.get_info().size_sectors
-        writer = wid + 1
-        seq = 0
         # Spawned children start one by one; each runs for the full duration once it is up.
         t_start = time.monotonic()
         stop_at = t_start + duration
-        while time.monotonic() < stop_at:
-            for _ in range(32):
-                count = min(size, pick_count(rng, pps, max_pages))
-                start = rng.randrange(0, size - count + 1)
-                if rng.random() < 0.5:
-                    seq += 1
-                    data = stamp.make_request(writer, seq, start, count, ss)
-                    if split:
-                        # Checker self-test: one request as several calls is *not* atomic.
-                        off = start
-                        for piece in split_views(memoryview(data), ss, rng):
-                            disk.write(off, piece)
-                            off += len(piece) // ss
-                    else:
-                        _write_request(disk, start, data, rng)
-                    c[_T_WRITES] += 1
-                else:
-                    buf = _read_request(disk, start, count, rng)
-                    v = stamp.check_read(buf, start, ss)
-                    c[_T_READS] += 1
-                    if v.torn:
-                        c[_T_TORN] += 1
-                    if v.corrupt:
-                        c[_T_CORRUPT] += 1
-                    if not v.ok and len(res["problems"]) < 5:
-                        res["problems"].append(
-                            f"read [{start}, {start + count}): {(v.torn + v.corrupt)[0]}"
-                        )
-                c[_T_OPS] += 1
-            for i, value in enumerate(c):
-                counters[base + i] = value
+
+        def run(t: int) -> None:
+            try:
+                _torture_loop(
+                    disk,
+                    wid * threads + t + 1,
+                    random.Random(seed * 131 + t),
+                    stop_at,
+                    max_pages,
+                    split,
+                    counters,
+                    wid * threads + t,
+                    res["problems"],
+                )
+            except BaseException:
+                errors.append(traceback.format_exc(limit=4))
+
+        pool = [threading.Thread(target=run, args=(t,)) for t in range(1, threads)]
+        for th in pool:
+            th.start()
+        run(0)
+        for th in pool:
+            th.join()
         t_end = time.monotonic()
         disk.disconnect()
     except BaseException:
-        res["error"] = traceback.format_exc(limit=4)
-    for i, value in enumerate(c):
-        counters[base + i] = value
-    res["counts"] = c
+        errors.append(traceback.format_exc(limit=4))
+    res["error"] = "\n".join(errors) or None
+    res["counts"] = [
+        sum(counters[(wid * threads + t) * _T_FIELDS + i] for t in range(threads))
+        for i in range(_T_FIELDS)
+    ]
     res["span"] = (t_start, t_end)
     out.put(res)
 
@@ -307,7 +347,8 @@ def run_torture(opt: Options) -> Result:
     n = opt.processes
     t0 = time.monotonic()
     with scratch_disk("torture", size, ss) as name:
-        counters = _SPAWN.Array(ctypes.c_int64, n * _T_FIELDS, lock=False)
+        slots = n * opt.threads
+        counters = _SPAWN.Array(ctypes.c_int64, slots * _T_FIELDS, lock=False)
         out = _SPAWN.Queue()
         procs = [
             _SPAWN.Process(
@@ -319,6 +360,7 @@ def run_torture(opt: Options) -> Result:
                     opt.duration,
                     opt.max_pages,
                     opt.split_writes,
+                    opt.threads,
                     counters,
                     out,
                 ),
@@ -327,7 +369,7 @@ def run_torture(opt: Options) -> Result:
         ]
         for p in procs:
             p.start()
-        _progress_loop(opt, "torture", procs, None, lambda: _torture_line(counters, n, t0))
+        _progress_loop(opt, "torture", procs, None, lambda: _torture_line(counters, slots, t0))
         results = _drain(out, n, timeout=30)
         stuck = _join_all(procs, 10)
     r.seconds = time.monotonic() - t0
@@ -338,6 +380,7 @@ def run_torture(opt: Options) -> Result:
     busy = max(0.001, max(e for _, e in spans) - min(b for b, _ in spans)) if spans else 1.0
     r.figures = {
         "processes": n,
+        "threads_per_process": opt.threads,
         "disk_sectors": size,
         "sector_size": ss,
         "max_request_sectors": opt.max_pages * pps,
@@ -429,9 +472,20 @@ class _KillLayout:
         return self.region + (2 * v + s) * self.slot
 
 
-def _victim(name: str, v: int, lay: _KillLayout, writer: int, seed: int, state: Any) -> None:
+def _victim(
+    name: str,
+    v: int,
+    lay: _KillLayout,
+    writer: int,
+    seed: int,
+    state: Any,
+    inherited: shmdisk.Disk | None,
+) -> None:
     rng = random.Random(seed)
-    disk = shmdisk.connect(name, create=False)
+    # Every other victim uses the handle it inherited from the parent through fork. Its locks
+    # must be the child's own: were they taken on the parent's open file description, they
+    # would outlive the killed child (the parent keeps that description open) and hang all.
+    disk = inherited if inherited is not None else shmdisk.connect(name, create=False)
     base = v * _V_FIELDS
     seq = 0
     slot = 0
@@ -566,7 +620,16 @@ def run_kill(opt: Options) -> Result:
             # fork, not spawn: a victim must be replaceable many times a second; it also
             # exercises the fork-safety of a Disk the parent holds open.
             p = _FORK.Process(
-                target=_victim, args=(name, v, lay, writer, rng.randrange(1 << 30), state)
+                target=_victim,
+                args=(
+                    name,
+                    v,
+                    lay,
+                    writer,
+                    rng.randrange(1 << 30),
+                    state,
+                    disk if gen % 2 else None,
+                ),
             )
             p.start()
             return p
@@ -1970,6 +2033,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-p", "--processes", type=int, default=4, help="worker processes (default 4)")
     ap.add_argument("--seed", type=int, help="random seed (default: a fresh one)")
     ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torture: threads per process sharing one handle (default 1)",
+    )
+    ap.add_argument(
+        "--sector-size",
+        type=int,
+        default=512,
+        help="torture, kill: sector size of the test disk (default 512)",
+    )
+    ap.add_argument(
         "--disk-pages",
         type=int,
         default=64,
@@ -2024,6 +2099,8 @@ def main(argv: list[str] | None = None) -> int:
         examples=args.examples,
         tmpfs_size=args.tmpfs_size,
         split_writes=args.split_writes,
+        threads=args.threads,
+        sector_size=args.sector_size,
     )
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     results = []
