@@ -8,6 +8,7 @@ import socket
 import struct
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -639,3 +640,68 @@ def test_tcp_loopback(disks: list[shmdisk.Disk]) -> None:
             assert c.read(0, 512) == b"t" * 512
         finally:
             c.close()
+
+
+def test_block_status_stops_at_the_extent_limit(
+    client: Client, disks: list[shmdisk.Disk], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fragmented range gets a short reply (at most the limit); asking on continues it."""
+    from shmdisk.nbd import server as server_module
+
+    monkeypatch.setattr(server_module, "_MAX_EXTENTS", 3)
+    disk = disks[0]
+    page = disk.page_size
+    for p in range(0, 8, 2):
+        disk.write_at(p * page, b"m")
+    client.start(structured=True, meta=True)
+    hole = P.STATE_HOLE | P.STATE_ZERO
+    assert block_status(client, 0, 8 * page) == [(page, 0), (page, hole), (page, 0)]
+    assert block_status(client, 3 * page, 5 * page) == [(page, hole), (page, 0), (page, hole)]
+
+
+def test_destroyed_disk_gives_eio_not_a_crash(client: Client, disks: list[shmdisk.Disk]) -> None:
+    """Requests on a disk destroyed under the server fail with EIO; the server stays up."""
+    client.start(disks[1].name, structured=True)
+    assert client.write(0, b"q" * 4096) == 0
+    shmdisk.destroy(disks[1].name)
+    assert client.error_of(client.request(P.CMD_READ, 0, 4096)) == P.EIO
+    assert client.write(0, b"q" * 4096) == P.EIO
+    assert client.error_of(client.request(P.CMD_FLUSH)) == P.EIO
+
+
+def test_resize_is_seen_by_new_connections(server: NBDServer, disks: list[shmdisk.Disk]) -> None:
+    """A connection gets the disk's size at the time of its handshake."""
+    disks[0].resize(128)
+    c = Client(str(server.address))
+    try:
+        c.greet()
+        assert info_export(c.go())[0] == 128 * 512
+        assert c.write(127 * 512, b"e" * 512) == 0
+    finally:
+        c.close()
+
+
+def test_stop_cuts_off_a_client_that_never_reads(disks: list[shmdisk.Disk], sockdir: str) -> None:
+    """stop() returns even when a client pipelines reads and never takes the replies."""
+    path = os.path.join(sockdir, "stuck")
+    srv = NBDServer(disks, socket_path=path).start()
+    c = Client(path)
+    try:
+        c.start()
+        c.sock.setblocking(False)
+        sent = 0
+        request = P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, 7, 0, 64 * 512)
+        try:
+            for _ in range(4096):
+                c.sock.send(request)
+                sent += 1
+        except BlockingIOError:
+            pass
+        assert sent > 0
+        started = time.monotonic()
+        srv.stop(timeout=1.0)
+        assert time.monotonic() - started < 5.0
+        assert not os.path.exists(path)
+    finally:
+        c.close()
+        srv.stop()

@@ -25,6 +25,7 @@ import stat
 import struct
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import FrameType
@@ -49,9 +50,9 @@ log = logging.getLogger("shmdisk.nbd")
 # aliasing that makes this machine's fast string copy several times slower.
 _DATA_AT = 256
 _HANDSHAKE_TIMEOUT = 60.0
-# A BLOCK_STATUS reply lists at most this many extents; the spec lets the server stop early and
-# clients simply ask again from where the reply ended.
-_MAX_EXTENTS = 16384
+# A BLOCK_STATUS reply lists at most this many extents (each costs a page-map seek); the spec
+# lets the server stop early, and clients simply ask again from where the reply ended.
+_MAX_EXTENTS = 2048
 # Bigger socket buffers let a pipelining client queue whole requests while we copy the last one.
 _SOCKET_BUFFER = 4 * 1024 * 1024
 
@@ -162,6 +163,7 @@ class _Connection:
         self.requests = 0
         self.bytes_read = 0
         self.bytes_written = 0
+        self._warned = False
         self._buf: mmap.mmap | None = None
         self._view: memoryview | None = None
 
@@ -586,6 +588,10 @@ class _Connection:
             self.sock.sendall(P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, 0, handle))
 
     def _reply_error(self, handle: int, code: int, message: str, cmd: int) -> None:
+        if code == P.EIO and not self._warned:
+            # Not the client's fault (a destroyed disk, say): worth a line, once.
+            self._warned = True
+            log.warning("%s: %s failed: %s", self.peer, _COMMAND_NAMES.get(cmd, cmd), message)
         if self.structured:
             text = message.encode("utf-8", "replace")[:1024]
             payload = P.ERROR_PAYLOAD.pack(code, len(text)) + text
@@ -635,29 +641,24 @@ class _Connection:
         self, disk: Disk, handle: int, offset: int, length: int, ss: int, flags: int
     ) -> None:
         end = offset + length
-        first = offset // ss
         last = -(-end // ss)
+        limit = 1 if flags & P.CMD_FLAG_REQ_ONE else _MAX_EXTENTS
         descriptors: list[tuple[int, int]] = []
-        pos = offset
-        for extent in disk.extents(first, last):
-            ext_end = min((extent.sector + extent.n_sectors) * ss, end)
-            if ext_end <= pos:
-                continue
-            status = 0 if extent.mapped else P.STATE_HOLE | P.STATE_ZERO
-            if descriptors and descriptors[-1][1] == status:
-                descriptors[-1] = (descriptors[-1][0] + ext_end - pos, status)
+        # Walk the page map run by run and stop at the limit, rather than listing every extent
+        # of a possibly huge, fragmented range first.
+        s = offset // ss
+        while s < last and len(descriptors) < limit:
+            mapped_at = disk.seek_mapped(s)
+            if mapped_at > s:
+                nxt, status = min(mapped_at, last), P.STATE_HOLE | P.STATE_ZERO
             else:
-                if len(descriptors) >= _MAX_EXTENTS:
-                    break
-                descriptors.append((ext_end - pos, status))
-            pos = ext_end
-            if flags & P.CMD_FLAG_REQ_ONE and len(descriptors) == 1 and pos >= end:
-                break
+                nxt, status = min(disk.seek_unmapped(s), last), 0
+            if nxt <= s:
+                break  # the disk shrank below the size the client was given
+            descriptors.append((min(nxt * ss, end) - max(s * ss, offset), status))
+            s = nxt
         if not descriptors:
-            # The disk shrank under us: the handshake size no longer exists.
             raise _RequestError(P.EINVAL, "BLOCK_STATUS: range beyond the end of the disk")
-        if flags & P.CMD_FLAG_REQ_ONE:
-            descriptors = descriptors[:1]
         payload = bytearray(P.U32.pack(P.META_BASE_ALLOCATION_ID))
         for n, status in descriptors:
             payload += P.EXTENT.pack(n, status)
@@ -742,6 +743,7 @@ class NBDServer:
         self._lock = threading.Lock()
         self._clients: dict[threading.Thread, socket.socket] = {}
         self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
         self._started = False
         self._count = 0
 
@@ -774,10 +776,21 @@ class NBDServer:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop accepting, end every connection, release the socket and the disks. Idempotent."""
-        if self._stopped.is_set():
-            return
+        """Stop accepting, end every connection, release the socket and the disks.
+
+        Idempotent and safe to call from several threads (a second Ctrl-C, say): later callers
+        wait for the first to finish. A request being served still gets its reply; a client
+        that does not read its replies is cut off after ``timeout`` seconds.
+        """
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            self._stop(timeout)
+            self._stopped.set()
+
+    def _stop(self, timeout: float) -> None:
         self.stopping = True
+        deadline = time.monotonic() + timeout
         if self._wake_w >= 0:
             with contextlib.suppress(OSError):
                 os.write(self._wake_w, b"x")
@@ -786,13 +799,19 @@ class NBDServer:
             accept_thread.join(timeout)
         with self._lock:
             clients = list(self._clients.items())
+        # Shutting the read side wakes a blocked recv with end-of-file, and the thread closes
+        # its connection once the request in hand has its reply.
         for _thread, sock in clients:
-            # Shutting the read side wakes a blocked recv with end-of-file; a request being
-            # served still gets its reply out before the thread closes the socket.
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RD)
         for thread, _sock in clients:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
+        # Whoever is left is stuck sending to a client that stopped reading: cut it off.
+        for thread, sock in clients:
+            if thread.is_alive():
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                thread.join(1.0)
         if self._listener is not None:
             with contextlib.suppress(OSError):
                 self._listener.close()
@@ -807,7 +826,6 @@ class NBDServer:
             with contextlib.suppress(Exception):
                 disk.disconnect()
         self._owned.clear()
-        self._stopped.set()
 
     def serve_forever(self) -> None:
         """Start if needed and block until :meth:`stop` is called (from another thread)."""
