@@ -23,3 +23,9 @@ def test_not_kept_when_it_passes(shmdisk: Disk) -> None:
 def test_unmarked_failure(shmdisk: Disk) -> None:
     """Fails on purpose without the marker: kept only with --shmdisk-keep-on-failure."""
     raise AssertionError("failing on purpose")
+
+
+@pytest.mark.shmdisk_keep
+def test_kept_despite_the_leak_guard(shmdisk_no_leaks: None, shmdisk: Disk) -> None:
+    """Fails on purpose: a disk kept for inspection is not reported as a leak."""
+    raise AssertionError("failing on purpose")
