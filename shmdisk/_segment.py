@@ -237,6 +237,15 @@ def open_segment(name: str, read_only: bool) -> Opened:
                 )
         problem = header.problem(size)
         if problem is not None:
+            # A resize in another process may have been half-way through the header (it holds
+            # the whole-disk lock meanwhile): look again once under the shared whole-disk lock.
+            _locks.lock_within(fd, _locks.RDLCK, _locks.WHOLE_START, _locks.WHOLE_LEN, 5.0)
+            try:
+                header, size = read_header(fd)
+            finally:
+                _locks.unlock(fd, _locks.WHOLE_START, _locks.WHOLE_LEN)
+            problem = header.problem(size)
+        if problem is not None:
             raise CorruptSegmentError(f"disk {name!r}: {problem}")
     except BaseException:
         os.close(fd)

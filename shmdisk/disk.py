@@ -164,13 +164,16 @@ class Disk:
         """(Re)map the data area at the capacity the header states, after checking the file."""
         hq = self._hq
         assert hq is not None
+        # Size before capacity: resize stores the capacity first and the size second, so a
+        # size read first never belongs to a newer resize than the capacity read after it.
+        size_bytes = hq[_F_SIZE] * self.sector_size
         cap = hq[_F_CAP]
-        size = os.fstat(self._fd).st_size
+        file_size = os.fstat(self._fd).st_size
         if (
             cap % self.page_size
             or cap > self._max_pages * self.page_size
-            or size < self._data_offset + cap
-            or hq[_F_SIZE] * self.sector_size > cap
+            or file_size < self._data_offset + cap
+            or size_bytes > cap
         ):
             # Never map past the end of the file: touching that would be SIGBUS.
             raise CorruptSegmentError(f"disk {self.name!r}: header capacity {cap} is inconsistent")
@@ -214,11 +217,19 @@ class Disk:
 
     # ----------------------------------------------------------------- checks
 
-    def _header(self) -> memoryview:
+    def _header(self, locked: bool = False) -> memoryview:
+        """The live header, after checking that the handle and the disk still exist.
+
+        ``locked``: the caller holds a lock through one of our descriptors, so a destroyed disk
+        must not disconnect now (closing that descriptor would turn the caller's unlock into
+        EBADF, or into an unlock of whatever file reused the number); the next call does it.
+        """
         hq = self._hq
         if hq is None:
             raise DisconnectedError(f"disk {self.name!r} is disconnected")
         if hq[_F_GONE]:
+            if locked:
+                raise DisconnectedError(f"disk {self.name!r} was destroyed")
             self._gone()
         return hq
 
@@ -384,7 +395,7 @@ class Disk:
             fd = self._lock_fd()
         _fcntl(fd, _SETLKW, _pack(_RD, 0, p0, p1 - p0, 0))
         try:
-            hq = self._header()
+            hq = self._header(locked=True)
             self._check_range(hq, off, total)
             self._copy_out(off, views, self._snapshot(p0, p1))
         finally:
@@ -474,7 +485,7 @@ class Disk:
         try:
             # Again under the lock: a resize or destroy may have come in between.
             if hq[_F_GONE] or end > hq[_F_SIZE] * ss or end > self._cap:
-                self._check_range(self._header(), off, total)
+                self._check_range(self._header(locked=True), off, total)
             dv = self._dv
             if n == 1:
                 wv = self._wv
@@ -580,7 +591,7 @@ class Disk:
         fd = self._lock_fd()
         _lock(fd, _WR, p0, p1 - p0)
         try:
-            hq = self._header()
+            hq = self._header(locked=True)
             self._check_range(hq, a, b - a)
             size_bytes = hq[_F_SIZE] * ss
             # Bytes past the end of the disk are always zero, so a range that reaches the end
@@ -642,7 +653,7 @@ class Disk:
         fd = self._lock_fd()
         _lock(fd, _WR, _locks.WHOLE_START, _locks.WHOLE_LEN)
         try:
-            hq = self._header()
+            hq = self._header(locked=True)
             if hq[_F_CAP] > self._cap:
                 self._map_data()
             old_bytes, new_bytes = hq[_F_SIZE] * ss, n * ss

@@ -242,3 +242,39 @@ def test_lock_free_read_falls_back_to_lock_while_writer_holds(disk: shmdisk.Disk
     t.join(10)
     assert result == [b"2" * 4096]
     other.disconnect()
+
+
+@pytest.mark.parametrize("op", ["write", "read", "discard", "resize"])
+def test_destroy_while_waiting_for_lock_raises_disconnected(disk: shmdisk.Disk, op: str) -> None:
+    """A call that finds the disk destroyed once it holds its lock raises DisconnectedError."""
+    other = shmdisk.connect(disk.name, create=False)
+    fd = other._lock_fd()
+    _locks.lock(fd, _locks.WRLCK, 0, 1)
+    calls = {
+        "write": lambda: disk.write(0, bytes(512)),
+        "read": lambda: disk.read(0, bytearray(4096 * 2)),  # two pages: the locked path
+        "discard": lambda: disk.discard(0, 1),
+        "resize": lambda: disk.resize(8),
+    }
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            calls[op]()
+            outcome.append(None)
+        except BaseException as e:
+            outcome.append(e)
+
+    if op == "read":
+        other._wv[0] = other._wv[0] | 1  # as a writer mid-copy: the reader must take the lock
+    t = threading.Thread(target=run)
+    t.start()
+    time.sleep(0.2)  # the call is now waiting for page 0
+    other._hq[shmdisk._layout.F_DESTROYED] = 1  # type: ignore[attr-defined,index]
+    _locks.unlock(fd, 0, 1)
+    t.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], shmdisk.DisconnectedError), outcome
+    with pytest.raises(shmdisk.DisconnectedError):
+        disk.flush()
+    assert disk.closed
+    other.disconnect()
