@@ -705,3 +705,25 @@ def test_stop_cuts_off_a_client_that_never_reads(disks: list[shmdisk.Disk], sock
     finally:
         c.close()
         srv.stop()
+
+
+def test_sequential_connections_do_not_pile_up_descriptors(server: NBDServer) -> None:
+    """Thirty connections one after another, each writing, leave the fd count where it was."""
+
+    def one_connection() -> None:
+        c = Client(str(server.address))
+        try:
+            c.start()
+            assert c.write(0, b"w" * 512) == 0
+            c.request(P.CMD_DISC)
+            assert c.closed_by_server()
+        finally:
+            c.close()
+
+    one_connection()
+    time.sleep(0.05)  # let the server's side of the connection finish closing
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(30):
+        one_connection()
+    time.sleep(0.05)
+    assert len(os.listdir("/proc/self/fd")) <= before + 2

@@ -1,11 +1,11 @@
 """An NBD server for shmdisk disks: fixed-newstyle handshake, structured replies, block status.
 
-One thread per client connection; every thread shares the export's :class:`~shmdisk.Disk`
-handle (the core gives each thread its own lock descriptor, so requests from different
-connections and from local processes exclude each other correctly). Requests of one connection
-are served in order; clients that pipeline (nbdcopy, qemu) keep the socket full, and clients that
-want parallelism open several connections, which ``NBD_FLAG_CAN_MULTI_CONN`` allows because
-every connection sees the same shared memory.
+One thread per client connection (threads are reused by later connections); all of them share
+the export's :class:`~shmdisk.Disk` handle (the core gives each thread its own lock descriptor,
+so requests from different connections and from local processes exclude each other correctly).
+Requests of one connection are served in order; clients that pipeline (nbdcopy, qemu) keep the
+socket full, and clients that want parallelism open several connections, which
+``NBD_FLAG_CAN_MULTI_CONN`` allows because every connection sees the same shared memory.
 
 The data path avoids copies: a request payload is received straight into a page-aligned buffer
 and handed to ``Disk.write_at``; a read is filled by ``Disk.read_at`` right behind its reply
@@ -18,6 +18,7 @@ import contextlib
 import logging
 import mmap
 import os
+import queue
 import selectors
 import signal
 import socket
@@ -741,7 +742,13 @@ class NBDServer:
         self._wake_r = self._wake_w = -1
         self._accept_thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._clients: dict[threading.Thread, socket.socket] = {}
+        self._clients: dict[_Connection, socket.socket] = {}
+        # Connection threads are reused: each thread that touches a disk gets its own lock
+        # descriptor from the core, kept until the disk is disconnected, so a thread per
+        # connection would pile up descriptors over a long-running server's life.
+        self._queue: queue.SimpleQueue[_Connection | None] = queue.SimpleQueue()
+        self._workers: list[threading.Thread] = []
+        self._idle = 0
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
         self._started = False
@@ -797,21 +804,17 @@ class NBDServer:
         accept_thread = self._accept_thread
         if accept_thread is not None and accept_thread is not threading.current_thread():
             accept_thread.join(timeout)
-        with self._lock:
-            clients = list(self._clients.items())
         # Shutting the read side wakes a blocked recv with end-of-file, and the thread closes
         # its connection once the request in hand has its reply.
-        for _thread, sock in clients:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RD)
-        for thread, _sock in clients:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        # Whoever is left is stuck sending to a client that stopped reading: cut it off.
-        for thread, sock in clients:
-            if thread.is_alive():
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                thread.join(1.0)
+        self._shutdown_clients(socket.SHUT_RD)
+        if not self._wait_for_clients(deadline):
+            # Whoever is left is stuck sending to a client that stopped reading: cut it off.
+            self._shutdown_clients(socket.SHUT_RDWR)
+            self._wait_for_clients(time.monotonic() + 1.0)
+        for _ in self._workers:
+            self._queue.put(None)
+        for worker in self._workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
         if self._listener is not None:
             with contextlib.suppress(OSError):
                 self._listener.close()
@@ -1000,23 +1003,51 @@ class NBDServer:
         self._count += 1
         peer = f"conn {self._count} ({peer})"
         conn = _Connection(self, sock, peer)
-        thread = threading.Thread(
-            target=self._run_client, args=(conn,), name=f"shmdisk-nbd {peer}", daemon=True
-        )
         with self._lock:
             if self.stopping:
                 sock.close()
                 return
-            self._clients[thread] = sock
+            self._clients[conn] = sock
+            spawn = self._idle == 0
+            if not spawn:
+                self._idle -= 1  # that idle worker takes this connection from the queue
         log.info("%s: connected", peer)
-        thread.start()
+        if spawn:
+            worker = threading.Thread(
+                target=self._worker, name=f"shmdisk-nbd-{len(self._workers)}", daemon=True
+            )
+            self._workers.append(worker)
+            worker.start()
+        self._queue.put(conn)
 
-    def _run_client(self, conn: _Connection) -> None:
-        try:
-            conn.run()
-        finally:
+    def _worker(self) -> None:
+        while True:
+            conn = self._queue.get()
+            if conn is None:
+                return
+            try:
+                conn.run()
+            finally:
+                with self._lock:
+                    self._clients.pop(conn, None)
+                    self._idle += 1
+
+    def _shutdown_clients(self, how: int) -> None:
+        with self._lock:
+            socks = list(self._clients.values())
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(how)
+
+    def _wait_for_clients(self, deadline: float) -> bool:
+        """Wait until every connection has closed; False if some remain at ``deadline``."""
+        while True:
             with self._lock:
-                self._clients.pop(threading.current_thread(), None)
+                if not self._clients:
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
 
 
 def _unix_peer(sock: socket.socket) -> str:
