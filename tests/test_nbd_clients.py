@@ -121,6 +121,22 @@ def test_nbdinfo_map_matches_the_page_map(server: NBDServer, disk: shmdisk.Disk)
     assert extents[0]["offset"] == 0 and len(data) == 3
 
 
+@need("nbdinfo")
+def test_nbdinfo_map_of_a_fragmented_disk_across_short_replies(
+    server: NBDServer, disk: shmdisk.Disk, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With replies capped at 4 extents, nbdinfo --map still gets all 80 runs right."""
+    from shmdisk.nbd import server as server_module
+
+    monkeypatch.setattr(server_module, "_MAX_EXTENTS", 4)
+    page = disk.page_size
+    for p in range(1, 80, 2):
+        disk.write_at(p * page, b"f")
+    extents = json.loads(ok("nbdinfo", "--map", "--json", server.uri()))
+    data = [(e["offset"], e["length"]) for e in extents if e["type"] == 0]
+    assert data == mapped_ranges(disk) == [(p * page, page) for p in range(1, 80, 2)]
+
+
 @need("nbdcopy")
 def test_nbdcopy_in_and_out_byte_for_byte_keeping_holes(
     server: NBDServer, disk: shmdisk.Disk, sockdir: str
