@@ -131,8 +131,8 @@ def _scan_holders(paths: set[str]) -> tuple[dict[str, set[int]], bool]:
     """Pids whose open fds or memory mappings refer to each path, and whether every process
     could be looked at (another user's /proc/PID/fd is closed to non-root callers).
 
-    Both sources matter: a handle keeps the segment mapped (maps) and its lock fds open (fd), and
-    a process may hold either alone, e.g. a mapping whose fd was closed.
+    A handle keeps the segment's fds open (its OFD locks live on them) and the segment mapped;
+    maps also catches a process that closed its fds but kept a mapping.
     """
     found: dict[str, set[int]] = {p: set() for p in paths}
     if not paths:
@@ -166,10 +166,9 @@ def _scan_holders(paths: set[str]) -> tuple[dict[str, set[int]], bool]:
         try:
             with open(f"{base}/maps", "rb") as f:
                 maps = f.read()
-        except PermissionError:
-            complete = False
-            continue
         except OSError:
+            # Unreadable maps (e.g. a sandbox's init, even for root) do not make the count
+            # unknown: a connected handle always keeps the segment's fds open, seen above.
             continue
         if b"/dev/shm/" not in maps:
             continue
@@ -232,6 +231,37 @@ def _entry(info: Any, holders: set[int] | None) -> dict[str, Any]:
     }
 
 
+def _inspect(name: str) -> shmdisk.SegmentInfo:
+    """``shmdisk.inspect``, but a FIFO or device wearing our prefix is described, not opened:
+    opening a FIFO for reading blocks until a writer appears, which may be never."""
+    st = os.lstat(shmdisk.segment_path(name)) if _exists(name) else None
+    if st is None or stat.S_ISREG(st.st_mode):
+        return shmdisk.inspect(name)
+    kind = "symlink" if stat.S_ISLNK(st.st_mode) else "special file"
+    if stat.S_ISFIFO(st.st_mode):
+        kind = "fifo"
+    return shmdisk.SegmentInfo(
+        name=name,
+        path=shmdisk.segment_path(name),
+        state="corrupt",
+        problem=f"not a regular file but a {kind}",
+        sector_size=None,
+        page_size=None,
+        size_sectors=None,
+        max_size_sectors=None,
+        mapped_pages=None,
+        generation=None,
+        created_ns=None,
+        creator_pid=None,
+        creator_uid=None,
+        uid=st.st_uid,
+        gid=st.st_gid,
+        mode=stat.S_IMODE(st.st_mode),
+        file_bytes=st.st_size,
+        allocated_bytes=st.st_blocks * 512,
+    )
+
+
 def _inspect_all(names: Sequence[str]) -> tuple[list[dict[str, Any]], list[str]]:
     """Entries for ``names`` (all disks when empty) and error lines for names that failed."""
     explicit = bool(names)
@@ -241,7 +271,7 @@ def _inspect_all(names: Sequence[str]) -> tuple[list[dict[str, Any]], list[str]]
     errors = []
     for name in names:
         try:
-            infos.append(shmdisk.inspect(name))
+            infos.append(_inspect(name))
         except shmdisk.DiskNotFoundError:
             # Destroyed between list_disks() and inspect(): only worth an error when asked for.
             if explicit:
@@ -281,7 +311,7 @@ def _ls_cells(e: dict[str, Any], in_bytes: bool) -> dict[str, str]:
         return "-" if n is None else str(n)
 
     pct = e["mapped_percent"]
-    state = e["state"] if e["problem"] is None else f"{e['state']} ({e['problem']})"
+    state = e["state"] if e["problem"] is None else f"{e['state']}: {e['problem']}"
     return {
         "NAME": e["name"],
         "SIZE": size(e["size_bytes"]),
@@ -341,7 +371,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     def size(n: int | None) -> str:
         if n is None:
             return "unknown"
-        return f"{n} bytes" if args.bytes else f"{format_bytes_long(n)} ({n} bytes)"
+        if args.bytes or n < 1024:
+            return f"{n} bytes"
+        return f"{format_bytes_long(n)} ({n} bytes)"
 
     state = e["state"] if e["problem"] is None else f"{e['state']}: {e['problem']}"
     lines = [("name", e["name"]), ("path", e["path"]), ("state", state)]
@@ -378,6 +410,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _sector_size_arg(text: str) -> int:
     value, _ = parse_bytes(text)  # "4096" and "4K" both mean bytes here
+    # Checked here too, so that `create x 1M --sector-size 1000` blames the sector size, not 1M.
+    if value < 512 or value > 65536 or value & (value - 1):
+        raise ValueError(f"invalid sector size {text!r}: a power of two from 512 to 64K")
     return value
 
 
@@ -464,7 +499,10 @@ def cmd_resize(args: argparse.Namespace) -> int:
 @contextlib.contextmanager
 def _connect(name: str, *, read_only: bool) -> Iterator[shmdisk.Disk]:
     """Connect to an existing disk; never create one as a side effect of looking at it."""
-    disk = shmdisk.connect(name, read_only=read_only, create=False)
+    try:
+        disk = shmdisk.connect(name, read_only=read_only, create=False)
+    except shmdisk.DiskNotFoundError:
+        raise CliError(f"no such disk: {name}") from None
     try:
         yield disk
     finally:
@@ -714,6 +752,12 @@ def cmd_import(args: argparse.Namespace) -> int:
             spool = _spool(src_fd, limit, 4096)
             src_fd = spool.fileno()
         image_size = os.fstat(src_fd).st_size
+        if spool is not None and capacity is not None and image_size > capacity:
+            # The spool stopped reading at the disk's size: the stream's real length is unknown.
+            raise CliError(
+                f"{label} holds more than disk {name} ({format_bytes_long(capacity)},"
+                f" {capacity} bytes); nothing written"
+            )
         remainder = image_size % sector_size
         if remainder and not args.pad:
             raise CliError(
@@ -768,7 +812,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def _rate(n: int, seconds: float) -> str:
-    return f"{seconds:.2f} s ({format_bytes(int(n / max(seconds, 1e-6)))}/s)"
+    took = f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
+    return f"{took} ({format_bytes(int(n / max(seconds, 1e-6)))}/s)"
 
 
 def _copy_in(disk: shmdisk.Disk, fd: int, size: int, label: str, progress: bool) -> int:
