@@ -54,8 +54,16 @@ _HANDSHAKE_TIMEOUT = 60.0
 # A BLOCK_STATUS reply lists at most this many extents (each costs a page-map seek); the spec
 # lets the server stop early, and clients simply ask again from where the reply ended.
 _MAX_EXTENTS = 2048
-# Bigger socket buffers let a pipelining client queue whole requests while we copy the last one.
+# Bigger socket buffers let replies (and, over TCP, requests) queue up while the other side is
+# busy; over a Unix socket the sender's buffer is the one that limits.
 _SOCKET_BUFFER = 4 * 1024 * 1024
+# Requests are received through a staging buffer this big: room for a 4 KiB write with its
+# header and the next header, while a big write leaves at most this much to copy out of it.
+_STAGE = 8192 + 256
+# Read replies up to this size are queued and sent together with other replies; bigger ones go
+# out on their own, straight from the read buffer.
+_SMALL_REPLY = 32 * 1024
+_OUT_LIMIT = 256 * 1024
 
 
 class _Closed(Exception):
@@ -165,6 +173,7 @@ class _Connection:
         self.bytes_read = 0
         self.bytes_written = 0
         self._warned = False
+        self._out = bytearray()  # replies queued by the transmission loop
         self._buf: mmap.mmap | None = None
         self._view: memoryview | None = None
 
@@ -404,6 +413,14 @@ class _Connection:
 
     # --- transmission ----------------------------------------------------------------------
     def _transmission(self, export: _Export) -> None:
+        """Serve requests until the client leaves.
+
+        Requests arrive through a small staging buffer: one ``recv`` takes whatever is queued,
+        often several small requests at once, and big payloads go straight to their own
+        buffer. Small replies collect in ``self._out`` and leave together just before the loop
+        would wait for the client again, so a burst of small requests costs a few syscalls,
+        not several per request.
+        """
         sock = self.sock
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
@@ -416,9 +433,14 @@ class _Connection:
         ss = export.sector_size
         read_only = export.read_only
         buf = self._buffer()
-        header = memoryview(bytearray(P.REQUEST.size))
-        unpack = P.REQUEST.unpack_from
+        stage = bytearray(_STAGE)
+        sv = memoryview(stage)
+        pos = have = 0  # unread request bytes are stage[pos:have]
+        out = self._out
+        unpack_from = P.REQUEST.unpack_from
+        header_size = P.REQUEST.size
         recv_into = self._recv_into
+        sock_recv_into = sock.recv_into
         sendall = sock.sendall
         simple_pack = P.SIMPLE_REPLY.pack
         data_pack_into = P.STRUCTURED_DATA.pack_into
@@ -427,15 +449,36 @@ class _Connection:
         write_at = disk.write_at
         max_request = P.MAX_REQUEST
         data_start = _DATA_AT
+        small_reply = _SMALL_REPLY
+        out_limit = _OUT_LIMIT
         request_magic = P.REQUEST_MAGIC
+        simple_magic = P.SIMPLE_REPLY_MAGIC
         cmd_read = P.CMD_READ
         cmd_write = P.CMD_WRITE
         allowed = _ALLOWED_FLAGS
         done = P.REPLY_FLAG_DONE
 
         while True:
-            recv_into(header)
-            magic, flags, cmd, handle, offset, length = unpack(header)
+            if have - pos < header_size:
+                # About to wait for the client: first let the replies it may be waiting for go.
+                if out:
+                    sendall(out)
+                    out.clear()
+                if pos:
+                    stage[: have - pos] = stage[pos:have]
+                    have -= pos
+                    pos = 0
+                while have < header_size:
+                    n = sock_recv_into(sv[have:], _STAGE - have)
+                    if n == 0:
+                        if self.server.stopping:
+                            raise _Closed("server stopping")
+                        raise _Closed(
+                            "client hung up" if have == 0 else "client hung up mid-request"
+                        )
+                    have += n
+            magic, flags, cmd, handle, offset, length = unpack_from(stage, pos)
+            pos += header_size
             if magic != request_magic:
                 raise _Closed(f"bad request magic {magic:#x}")
             self.requests += 1
@@ -478,12 +521,21 @@ class _Connection:
                         )
                     else:
                         start = data_start - P.SIMPLE_REPLY.size
-                        simple_pack_into(buf, start, P.SIMPLE_REPLY_MAGIC, 0, handle)
-                    out = buf[start : data_start + length]
+                        simple_pack_into(buf, start, simple_magic, 0, handle)
+                    reply = buf[start : data_start + length]
                     try:
-                        sendall(out)
+                        if length <= small_reply:
+                            out += reply
+                            if len(out) >= out_limit:
+                                sendall(out)
+                                out.clear()
+                        else:
+                            if out:
+                                sendall(out)
+                                out.clear()
+                            sendall(reply)
                     finally:
-                        out.release()
+                        reply.release()
                     continue
                 try:
                     self._check(export, cmd, flags, offset, length, align)
@@ -498,7 +550,15 @@ class _Connection:
                     raise _Closed(f"WRITE of {length} bytes exceeds the {max_request} maximum")
                 data = buf[data_start : data_start + length]
                 try:
-                    recv_into(data)
+                    staged = min(have - pos, length)
+                    if staged:
+                        data[:staged] = sv[pos : pos + staged]
+                        pos += staged
+                    if staged < length:
+                        if out:
+                            sendall(out)
+                            out.clear()
+                        recv_into(data[staged:])
                     if (
                         not read_only
                         and not flags & ~allowed[cmd]
@@ -511,7 +571,7 @@ class _Connection:
                             self._reply_error(handle, _error_code(exc, writing=True), str(exc), cmd)
                             continue
                         self.bytes_written += length
-                        sendall(simple_pack(P.SIMPLE_REPLY_MAGIC, 0, handle))
+                        out += simple_pack(simple_magic, 0, handle)
                         continue
                 finally:
                     data.release()
@@ -522,6 +582,10 @@ class _Connection:
                 continue
 
             if cmd == P.CMD_DISC:
+                # Everything asked before the disconnect gets its reply first.
+                if out:
+                    sendall(out)
+                    out.clear()
                 raise _Closed("client disconnected")
 
             try:
@@ -577,16 +641,15 @@ class _Connection:
             raise _RequestError(P.EINVAL, "BLOCK_STATUS: zero length")
 
     # --- replies ---------------------------------------------------------------------------
+    # Replies below are queued in self._out; the transmission loop sends them.
     def _reply_ok(self, handle: int, structured_done: bool) -> None:
         if structured_done:
             # A READ of nothing still needs a structured reply: one empty final chunk.
-            self.sock.sendall(
-                P.STRUCTURED_REPLY.pack(
-                    P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE, P.REPLY_TYPE_NONE, handle, 0
-                )
+            self._out += P.STRUCTURED_REPLY.pack(
+                P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE, P.REPLY_TYPE_NONE, handle, 0
             )
         else:
-            self.sock.sendall(P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, 0, handle))
+            self._out += P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, 0, handle)
 
     def _reply_error(self, handle: int, code: int, message: str, cmd: int) -> None:
         if code == P.EIO and not self._warned:
@@ -596,19 +659,17 @@ class _Connection:
         if self.structured:
             text = message.encode("utf-8", "replace")[:1024]
             payload = P.ERROR_PAYLOAD.pack(code, len(text)) + text
-            self.sock.sendall(
-                P.STRUCTURED_REPLY.pack(
-                    P.STRUCTURED_REPLY_MAGIC,
-                    P.REPLY_FLAG_DONE,
-                    P.REPLY_TYPE_ERROR,
-                    handle,
-                    len(payload),
-                )
-                + payload
+            self._out += P.STRUCTURED_REPLY.pack(
+                P.STRUCTURED_REPLY_MAGIC,
+                P.REPLY_FLAG_DONE,
+                P.REPLY_TYPE_ERROR,
+                handle,
+                len(payload),
             )
+            self._out += payload
         else:
             # A failed simple READ reply carries no payload, so the stream stays in step.
-            self.sock.sendall(P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, code, handle))
+            self._out += P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, code, handle)
 
     # --- the less frequent commands --------------------------------------------------------
     @staticmethod
@@ -663,16 +724,14 @@ class _Connection:
         payload = bytearray(P.U32.pack(P.META_BASE_ALLOCATION_ID))
         for n, status in descriptors:
             payload += P.EXTENT.pack(n, status)
-        self.sock.sendall(
-            P.STRUCTURED_REPLY.pack(
-                P.STRUCTURED_REPLY_MAGIC,
-                P.REPLY_FLAG_DONE,
-                P.REPLY_TYPE_BLOCK_STATUS,
-                handle,
-                len(payload),
-            )
-            + payload
+        self._out += P.STRUCTURED_REPLY.pack(
+            P.STRUCTURED_REPLY_MAGIC,
+            P.REPLY_FLAG_DONE,
+            P.REPLY_TYPE_BLOCK_STATUS,
+            handle,
+            len(payload),
         )
+        self._out += payload
 
 
 def _parse_meta_request(data: bytes) -> tuple[str, list[str]] | None:
