@@ -1326,7 +1326,7 @@ def _add_ls_arguments(p: argparse.ArgumentParser) -> None:
         "-o",
         "--output",
         metavar="LIST",
-        help=f"columns to print, comma-separated ({','.join(_LS_COLUMNS)})",
+        help=f"columns to print, comma-separated ({','.join(_LS_COLUMNS)})".replace("%", "%%"),
     )
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=cmd_ls)
