@@ -33,3 +33,12 @@ def test_torture_threads_share_one_handle() -> None:
     assert r.ok, r.problems
     assert r.figures["torn_reads"] == 0 and r.figures["corrupt_reads"] == 0
     assert r.figures["threads_per_process"] == 2
+
+
+def test_torture_across_a_page_map_boundary() -> None:
+    """Requests crossing page 1024, where the page map's first own page ends: 0 torn."""
+    r = stress.run_torture(
+        stress.Options(duration=1.5, processes=3, seed=10, window_at=1000, disk_pages=48)
+    )
+    assert r.ok, r.problems
+    assert r.figures["torn_reads"] == 0 and r.figures["corrupt_reads"] == 0

@@ -123,6 +123,7 @@ class Options:
     tmpfs_size: str = "8M"  # enospc
     interval: float = 1.0  # seconds between progress lines
     threads: int = 1  # torture: threads per process, sharing one Disk handle
+    window_at: int = 0  # torture: first page of the I/O window (1000: across a page-map page)
     split_writes: bool = False  # torture self-test: non-atomic writes that must be caught
 
     def rng(self, salt: int = 0) -> random.Random:
@@ -242,6 +243,7 @@ def _torture_loop(
     counters: Any,
     slot: int,
     problems: list[str],
+    window: int,
 ) -> None:
     """One thread's random I/O: stamped writes, and reads checked for tearing."""
     c = [0] * _T_FIELDS
@@ -249,11 +251,12 @@ def _torture_loop(
     ss = disk.sector_size
     pps = disk.page_size // ss
     size = disk.get_info().size_sectors
+    lo = size - window  # the I/O window is the end of the disk (see Options.window_at)
     seq = 0
     while time.monotonic() < stop_at:
         for _ in range(32):
-            count = min(size, pick_count(rng, pps, max_pages))
-            start = rng.randrange(0, size - count + 1)
+            count = min(window, pick_count(rng, pps, max_pages))
+            start = rng.randrange(lo, size - count + 1)
             if rng.random() < 0.5:
                 seq += 1
                 data = stamp.make_request(writer, seq, start, count, ss)
@@ -289,6 +292,7 @@ def _torture_worker(
     max_pages: int,
     split: bool,
     threads: int,
+    window: int,
     counters: Any,
     out: Any,
 ) -> None:
@@ -314,6 +318,7 @@ def _torture_worker(
                     counters,
                     wid * threads + t,
                     res["problems"],
+                    window,
                 )
             except BaseException:
                 errors.append(traceback.format_exc(limit=4))
@@ -343,7 +348,8 @@ def run_torture(opt: Options) -> Result:
     ss = opt.sector_size
     rng = opt.rng(1)
     pps = 4096 // ss if ss < 4096 else 1
-    size = opt.disk_pages * pps
+    window = opt.disk_pages * pps
+    size = opt.window_at * pps + window
     n = opt.processes
     t0 = time.monotonic()
     with scratch_disk("torture", size, ss) as name:
@@ -361,6 +367,7 @@ def run_torture(opt: Options) -> Result:
                     opt.max_pages,
                     opt.split_writes,
                     opt.threads,
+                    window,
                     counters,
                     out,
                 ),
@@ -382,6 +389,7 @@ def run_torture(opt: Options) -> Result:
         "processes": n,
         "threads_per_process": opt.threads,
         "disk_sectors": size,
+        "io_window_sectors": [size - window, size],
         "sector_size": ss,
         "max_request_sectors": opt.max_pages * pps,
         "ops": totals[_T_OPS],
@@ -2051,6 +2059,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-p", "--processes", type=int, default=4, help="worker processes (default 4)")
     ap.add_argument("--seed", type=int, help="random seed (default: a fresh one)")
     ap.add_argument(
+        "--window-at",
+        type=int,
+        default=0,
+        help="torture: first page of the I/O window of --disk-pages pages (default 0; "
+        "1000 makes requests cross the 1024-page boundary of the page map's own pages)",
+    )
+    ap.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -2118,6 +2133,7 @@ def main(argv: list[str] | None = None) -> int:
         tmpfs_size=args.tmpfs_size,
         split_writes=args.split_writes,
         threads=args.threads,
+        window_at=args.window_at,
         sector_size=args.sector_size,
     )
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
