@@ -194,8 +194,14 @@ def _drain(q: Any, n: int, timeout: float) -> list[dict[str, Any]]:
     return out
 
 
-def _read_request(disk: shmdisk.Disk, start: int, count: int, rng: random.Random) -> bytearray:
-    """Read sectors [start, start+count) through a randomly chosen API form."""
+def _read_request(
+    disk: shmdisk.Disk, start: int, count: int, rng: random.Random, limit: int | None = None
+) -> bytearray:
+    """Read sectors [start, start+count) through a randomly chosen API form.
+
+    The unaligned form reads a little around the sectors, never past sector ``limit``
+    (default: the disk's current size).
+    """
     ss = disk.sector_size
     buf = bytearray(count * ss)
     form = rng.randrange(4)
@@ -207,7 +213,7 @@ def _read_request(disk: shmdisk.Disk, start: int, count: int, rng: random.Random
         disk.read_at(start * ss, buf)
     else:
         # An unaligned read_at that covers the sectors; the ragged ends are cut off after.
-        size = disk.get_info().size_sectors
+        size = disk.get_info().size_sectors if limit is None else limit
         lead = rng.randrange(1, ss) if start > 0 else 0
         tail = rng.randrange(1, ss) if start + count < size else 0
         big = bytearray(lead + count * ss + tail)
@@ -532,6 +538,30 @@ def _victim(
             time.sleep(rng.random() * 0.002)
 
 
+_RESIZING = 3
+
+
+def _resize_victim(name: str, idx: int, lay: _KillLayout, tail: int, seed: int, state: Any) -> None:
+    """Grow the disk by ``tail`` sectors, fill the tail, shrink it away again; forever.
+
+    resize takes the whole lock space exclusively, so every survivor waits on it; killed in
+    the middle, its lock must vanish like any other.
+    """
+    rng = random.Random(seed)
+    disk = shmdisk.connect(name, create=False)
+    base = idx * _V_FIELDS
+    fill = bytes([0xA5]) * (tail * lay.ss)
+    while True:
+        state[base + _V_STATE] = _RESIZING
+        disk.resize(lay.size + tail)
+        state[base + _V_STATE] = _IDLE
+        disk.write(lay.size, fill)
+        state[base + _V_STATE] = _RESIZING
+        disk.resize(lay.size)
+        state[base + _V_STATE] = _IDLE
+        time.sleep(rng.random() * 0.002)
+
+
 def _survivor(
     name: str, idx: int, lay: _KillLayout, seed: int, stop_at: float, shared: Any, slots: Any
 ) -> None:
@@ -556,7 +586,7 @@ def _survivor(
             end = min(lay.size, lay.region + rng.randrange(1, 2 * lay.victims * lay.slot))
             if rng.random() < 0.5:
                 end = min(end, start + pick_count(rng, lay.pps, 8))
-            buf = _read_request(disk, start, end - start, rng)
+            buf = _read_request(disk, start, end - start, rng, lay.size)
             upto = min(end, lay.region) - start
             v = stamp.check_read(memoryview(buf)[: upto * lay.ss], start, lay.ss)
             shared[base + _S_CHECKED] += 1
@@ -594,7 +624,8 @@ def run_kill(opt: Options) -> Result:
     lay = _KillLayout(ss, pps, 256 * pps, slot, victims)
     n_surv = readers + 1
     t0 = time.monotonic()
-    kills = {"random": 0, "mid_write": 0, "mid_read": 0}
+    kills = {"random": 0, "mid_write": 0, "mid_read": 0, "mid_resize": 0}
+    tail = max(pps, (1 << 20) // ss)  # the resizer grows and shrinks the disk by 1 MiB
     lock_held_at_kill = 0
     partial_left = 0
     completed_checked = 0
@@ -604,7 +635,7 @@ def run_kill(opt: Options) -> Result:
     with scratch_disk("kill", lay.size, ss) as name:
         disk = shmdisk.connect(name, create=False)
         probe = os.open(shmdisk.segment_path(name), os.O_RDONLY | os.O_CLOEXEC)
-        state = _FORK.Array(ctypes.c_int64, victims * _V_FIELDS, lock=False)
+        state = _FORK.Array(ctypes.c_int64, (victims + 1) * _V_FIELDS, lock=False)
         shared = _SPAWN.Array(ctypes.c_int64, n_surv * _S_FIELDS, lock=False)
         stop_at = time.monotonic() + opt.duration + 2.0
         survivors = [
@@ -627,6 +658,13 @@ def run_kill(opt: Options) -> Result:
                 state[v * _V_FIELDS + f] = 0
             # fork, not spawn: a victim must be replaceable many times a second; it also
             # exercises the fork-safety of a Disk the parent holds open.
+            if v == victims:
+                p = _FORK.Process(
+                    target=_resize_victim,
+                    args=(name, v, lay, tail, rng.randrange(1 << 30), state),
+                )
+                p.start()
+                return p
             p = _FORK.Process(
                 target=_victim,
                 args=(
@@ -642,7 +680,7 @@ def run_kill(opt: Options) -> Result:
             p.start()
             return p
 
-        procs = [spawn_victim(v) for v in range(victims)]
+        procs = [spawn_victim(v) for v in range(victims + 1)]  # the last one resizes
         # Wait until every survivor has started (spawned interpreters take a while).
         while any(shared[i * _S_FIELDS + _S_OPS] == 0 for i in range(n_surv)):
             if time.monotonic() > stop_at or not all(p.is_alive() for p in survivors):
@@ -651,14 +689,17 @@ def run_kill(opt: Options) -> Result:
         nxt_line = time.monotonic() + opt.interval
         stop_kills = stop_at - 0.5
         while time.monotonic() < stop_kills:
-            v = rng.randrange(victims)
+            v = rng.randrange(victims + 1)
             p = procs[v]
             vb = v * _V_FIELDS
-            mode = rng.choice(("random", "mid_write", "mid_write", "mid_read"))
+            if v == victims:
+                mode = rng.choice(("random", "mid_resize", "mid_resize"))
+            else:
+                mode = rng.choice(("random", "mid_write", "mid_write", "mid_read"))
             if mode == "random":
                 time.sleep(rng.random() * 0.05)
             else:
-                want = _WRITING if mode == "mid_write" else _READING
+                want = {"mid_write": _WRITING, "mid_read": _READING}.get(mode, _RESIZING)
                 until = time.monotonic() + 1.0
                 while state[vb + _V_STATE] != want and time.monotonic() < until:
                     time.sleep(0.0002)
@@ -733,6 +774,7 @@ def run_kill(opt: Options) -> Result:
         "kills_random": kills["random"],
         "kills_mid_large_write": kills["mid_write"],
         "kills_mid_large_read": kills["mid_read"],
+        "kills_mid_resize": kills["mid_resize"],
         "kills_with_write_lock_held": lock_held_at_kill,
         "killed_writes_left_partial": partial_left,
         "completed_writes_checked": completed_checked,
