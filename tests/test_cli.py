@@ -517,6 +517,22 @@ def test_import_create_sizes_the_disk_from_the_image(names: list[str], tmp_path:
     assert read_all(n) == image
 
 
+def test_progress_bar_only_when_asked_or_on_a_terminal(names: list[str], tmp_path: Path) -> None:
+    """--progress draws on stderr and ends the line; without a terminal nothing is drawn."""
+    n = new(names)
+    shmdisk.create(n, 2048).disconnect()
+    img = tmp_path / "p.img"
+    sparse_image(img, 1 << 20, {0: b"p" * 4096})
+    r = run("import", "--progress", "-q", n, str(img))
+    assert r.returncode == 0 and r.stdout == b""
+    assert r.stderr.startswith(b"\rimport ") and r.stderr.endswith(b"\n")
+    assert b"100.0%" in r.stderr
+    r = run("export", "-q", n, str(tmp_path / "o.img"))
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
+    r = run("export", "--no-progress", n, "-")
+    assert r.returncode == 0 and b"%" not in r.stderr
+
+
 @pytest.mark.root
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
 def test_import_into_disk_read_only_for_the_user(names: list[str], tmp_path: Path) -> None:
