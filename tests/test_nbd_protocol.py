@@ -9,7 +9,7 @@ import struct
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from conftest import new_name
@@ -492,7 +492,7 @@ def test_several_exports_by_name(server: NBDServer, disks: list[shmdisk.Disk]) -
             c.close()
 
 
-BAD_CLIENTS = {
+BAD_CLIENTS: dict[str, Callable[[Client], object]] = {
     "garbage greeting reply": lambda c: c.sock.sendall(os.urandom(64)),
     "bad client flags": lambda c: c.sock.sendall(struct.pack(">I", 0x80)),
     "bad option magic": lambda c: (c.greet(), c.sock.sendall(os.urandom(32))),
@@ -628,7 +628,9 @@ def test_stale_socket_is_replaced_but_a_live_one_is_not(
 def test_tcp_loopback(disks: list[shmdisk.Disk]) -> None:
     """TCP on 127.0.0.1 with an ephemeral port serves the same protocol."""
     with NBDServer(disks, host="127.0.0.1", port=0) as srv:
-        host, port = srv.address  # type: ignore[misc]
+        address = srv.address
+        assert isinstance(address, tuple)
+        host, port = address
         assert host == "127.0.0.1" and port > 0
         assert srv.uri() == f"nbd://127.0.0.1:{port}/{disks[0].name}"
         s = socket.create_connection((host, port), timeout=TIMEOUT)
