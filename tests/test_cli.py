@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import shmdisk
+from shmdisk import _layout  # only to forge a segment of a future layout version
 
 ROOT = Path(__file__).resolve().parents[1]
 LS_TOOL = ROOT / "tools" / "shmdisk-ls"
@@ -252,15 +253,18 @@ def test_ls_default_columns_and_units(names: list[str]) -> None:
 
 
 def test_ls_lists_corrupt_and_half_made_segments_untouched(names: list[str]) -> None:
-    """A garbage and an empty segment are listed with their state and left byte-for-byte alone."""
+    """Garbage, empty and future-version segments are listed with their state, left untouched."""
     real = new(names)
     shmdisk.create(real, 16).disconnect()
     garbage = f"test-cli-garbage-{os.getpid()}-{secrets.token_hex(4)}"
     empty = f"test-cli-empty-{os.getpid()}-{secrets.token_hex(4)}"
-    paths = [Path(shmdisk.segment_path(garbage)), Path(shmdisk.segment_path(empty))]
+    future = f"test-cli-future-{os.getpid()}-{secrets.token_hex(4)}"
+    paths = [Path(shmdisk.segment_path(n)) for n in (garbage, empty, future)]
+    header = _layout.HEADER.pack(_layout.MAGIC, _layout.VERSION + 1, *[0] * 14)
     try:
         paths[0].write_bytes(os.urandom(5000))
         paths[1].write_bytes(b"")
+        paths[2].write_bytes(header.ljust(8192, b"\0"))
         before = [(p.read_bytes(), p.stat().st_mtime_ns, p.stat().st_mode) for p in paths]
         text = ok("ls")
         doc = json.loads(ok("--json", tool=LS_TOOL))
@@ -272,11 +276,13 @@ def test_ls_lists_corrupt_and_half_made_segments_untouched(names: list[str]) -> 
     assert after == before
     rows = {line.split()[0]: line for line in text.splitlines()[1:]}
     assert "corrupt" in rows[garbage] and "incomplete" in rows[empty]
+    assert "unsupported-version" in rows[future]
     assert rows[real].split()[-1] == "ok"
     disks = {e["name"]: e for e in doc["disks"]}
     assert disks[garbage]["state"] == "corrupt" and disks[garbage]["problem"]
     assert disks[garbage]["size_sectors"] is None and disks[garbage]["file_bytes"] == 5000
     assert disks[empty]["state"] == "incomplete"
+    assert disks[future]["state"] == "unsupported-version"
     assert one["disk"]["state"] == "corrupt"
 
 
