@@ -206,14 +206,17 @@ class _Connection:
         return self._view
 
     def close(self) -> None:
-        if self._view is not None:
-            self._view.release()
-            self._view = None
-        if self._buf is not None:
-            self._buf.close()
-            self._buf = None
         with contextlib.suppress(OSError):
             self.sock.close()
+        # A slice of the buffer still alive somewhere would make mmap.close() raise; the
+        # mapping then goes away with its last reference instead.
+        with contextlib.suppress(BufferError):
+            if self._view is not None:
+                self._view.release()
+            if self._buf is not None:
+                self._buf.close()
+        self._view = None
+        self._buf = None
 
     # --- the whole connection --------------------------------------------------------------
     def run(self) -> None:
@@ -1086,6 +1089,8 @@ class NBDServer:
                 return
             try:
                 conn.run()
+            except BaseException:  # run() handles its own errors; this is a last resort
+                log.exception("%s: connection handler failed", conn.peer)
             finally:
                 with self._lock:
                     self._clients.pop(conn, None)
