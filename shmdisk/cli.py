@@ -27,6 +27,7 @@ import signal
 import stat
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
@@ -1011,9 +1012,12 @@ def _demo_pattern(worker: int, sector: int, n_sectors: int, sector_size: int) ->
     """
     import numpy as np
 
-    n = n_sectors * sector_size
-    body = (np.arange(n, dtype=np.uint32) * (2 * worker + 3) + worker * 89 + sector) & 0xFF
-    data = body.astype(np.uint8).reshape(n_sectors, sector_size)
+    # One sector's pattern tiled: uint8 all the way, so a large region costs one copy of itself
+    # in memory rather than several times that in wide temporaries.
+    row = (
+        (np.arange(sector_size, dtype=np.uint32) * (2 * worker + 3) + worker * 89) & 0xFF
+    ).astype(np.uint8)
+    data = np.tile(row, (n_sectors, 1))
     for k in range(n_sectors):
         stamp = f"shmdisk demo: worker {worker}, sector {sector + k}\n".encode()
         data[k, : len(stamp)] = np.frombuffer(stamp, dtype=np.uint8)
@@ -1117,13 +1121,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     print(file=out)
     procs: list[Any] = []
+    # `kill PID` must clean up like Ctrl-C does: turn SIGTERM into an exception too.
+    old_term = _set_signal(signal.SIGTERM, _raise_terminated)
     disk = shmdisk.create(name, size, ss)
     try:
         barrier = ctx.Barrier(workers)
         results = ctx.Queue()
         # Children inherit an ignored SIGINT through exec, so a Ctrl-C during their start-up
         # reaches only the parent, which stops them and removes the disk.
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        old = _set_signal(signal.SIGINT, signal.SIG_IGN)
         try:
             for w in range(workers):
                 proc = ctx.Process(
@@ -1135,7 +1141,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 proc.start()
                 procs.append(proc)
         finally:
-            signal.signal(signal.SIGINT, old)
+            _set_signal(signal.SIGINT, old)
         reports = _demo_collect(procs, results, timeout=args.timeout)
         for proc in procs:
             proc.join(timeout=5)
@@ -1143,7 +1149,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: stopping the workers", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("terminated: stopping the workers", file=sys.stderr)
+        return 143
     finally:
+        _set_signal(signal.SIGTERM, old_term)
         for proc in procs:
             if proc.is_alive():
                 proc.terminate()
@@ -1157,6 +1167,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
         else:
             shmdisk.destroy(name)
             print(f"disk {name} destroyed", file=out)
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived during the demo."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+def _set_signal(signum: int, handler: Any) -> Any:
+    """``signal.signal`` where allowed: only the main thread may set handlers; elsewhere (main()
+    called from a thread) the defaults stay and this returns None."""
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signum, handler)
 
 
 def _demo_collect(procs: list[Any], results: Any, timeout: float) -> dict[int, dict[str, Any]]:
@@ -1213,7 +1239,8 @@ def _demo_report(
                 str(r["pid"]),
                 region,
                 format_bytes(r["wrote"]),
-                f"{r['peers']} regions, {format_bytes(r['checked'])}",
+                f"{r['peers']} region{'' if r['peers'] == 1 else 's'},"
+                f" {format_bytes(r['checked'])}",
                 f"{ms:.0f} ms",
                 "ok" if ok else f"{r['mismatches']} bytes differ",
             ]

@@ -608,8 +608,9 @@ def test_demo_verifies_and_removes_its_disk() -> None:
     assert name not in shmdisk.list_disks()
 
 
-def test_demo_ctrl_c_still_destroys_the_disk() -> None:
-    """SIGINT while the workers start: exit 130 and the demo's disk is gone."""
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_demo_ctrl_c_still_destroys_the_disk(signum: int, code: int) -> None:
+    """SIGINT (Ctrl-C) or SIGTERM while the workers start: the demo's disk is gone."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "shmdisk", "demo", "--workers", "2"],
         stdout=subprocess.PIPE,
@@ -622,7 +623,7 @@ def test_demo_ctrl_c_still_destroys_the_disk() -> None:
         while not any(n.startswith(prefix) for n in shmdisk.list_disks()):
             assert proc.poll() is None and time.monotonic() < deadline, "demo never made its disk"
             time.sleep(0.002)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
@@ -632,7 +633,7 @@ def test_demo_ctrl_c_still_destroys_the_disk() -> None:
             if n.startswith(prefix):
                 shmdisk.destroy(n)
                 pytest.fail(f"demo left {n} behind")
-    assert proc.returncode == 130, (out, err)
+    assert proc.returncode == code, (out, err)
     assert b"destroyed" in out
 
 
