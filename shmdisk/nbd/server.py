@@ -1059,7 +1059,8 @@ class NBDServer:
             # The spec asks both ends to disable Nagle: replies are small and latency-bound.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            peer = f"{addr[0]}:{addr[1]}"
+            host = str(addr[0])
+            peer = f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
         else:
             peer = _unix_peer(sock)
         self._count += 1
