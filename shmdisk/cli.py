@@ -1121,6 +1121,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     print(file=out)
     procs: list[Any] = []
+    result = 1
     # `kill PID` must clean up like Ctrl-C does: turn SIGTERM into an exception too.
     old_term = _set_signal(signal.SIGTERM, _raise_terminated)
     disk = shmdisk.create(name, size, ss)
@@ -1145,7 +1146,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         reports = _demo_collect(procs, results, timeout=args.timeout)
         for proc in procs:
             proc.join(timeout=5)
-        return _demo_report(disk, name, regions, reports, procs, size)
+        result = _demo_report(disk, name, regions, reports, procs, size)
+        return result
     except KeyboardInterrupt:
         print("\ninterrupted: stopping the workers", file=sys.stderr)
         return 130
@@ -1167,6 +1169,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         else:
             shmdisk.destroy(name)
             print(f"disk {name} destroyed", file=out)
+            if result == 0:
+                print(
+                    "next: shmdisk create scratch 64M; shmdisk ls; shmdisk map scratch;"
+                    " shmdisk destroy scratch",
+                    file=out,
+                )
 
 
 class _Terminated(Exception):
