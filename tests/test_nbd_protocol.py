@@ -807,3 +807,34 @@ def test_pipelined_burst_of_mixed_requests(
     got = bytearray(size)
     disks[0].read(0, got)
     assert got == model
+
+
+def test_destroyed_and_recreated_disk_is_served_again(sockdir: str) -> None:
+    """A disk exported by name and re-created after a destroy reaches new connections."""
+    name = new_name("nbdre")
+    shmdisk.create(name, 64).disconnect()
+    try:
+        with NBDServer([name], socket_path=os.path.join(sockdir, "re")) as srv:
+            old = Client(str(srv.address))
+            try:
+                old.start()
+                shmdisk.destroy(name)
+                assert old.error_of(old.request(P.CMD_READ, 0, 512)) == P.EIO
+                c = Client(str(srv.address))
+                c.greet()
+                assert [k for k, _ in c.go(name)] == [P.REP_ERR_UNKNOWN]
+                c.close()
+                with shmdisk.create(name, 128) as again:
+                    again.write(0, b"N" * 512)
+                c = Client(str(srv.address))
+                try:
+                    c.greet()
+                    replies = c.go(name)
+                    assert info_export(replies)[0] == 128 * 512
+                    assert c.read(0, 512) == b"N" * 512
+                finally:
+                    c.close()
+            finally:
+                old.close()
+    finally:
+        shmdisk.destroy(name)

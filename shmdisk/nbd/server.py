@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+import shmdisk
 from shmdisk import errors
 from shmdisk.nbd import _proto as P
 
@@ -931,15 +932,25 @@ class NBDServer:
         return list(self._exports)
 
     def lookup(self, name: str) -> _Export | None:
-        """The export a client asked for ("" is the default export), with its current size."""
+        """The export a client asked for ("" is the default export), with its current size.
+
+        A disk the server connected by name and that was destroyed since is looked up again by
+        name, so a disk re-created under the same name is served to new connections.
+        """
         key = name or self._default
         export = self._exports.get(key)
         if export is None:
             return None
         try:
             info = export.disk.get_info()
+        except errors.DisconnectedError as exc:
+            fresh = self._reconnect(export)
+            if fresh is None:
+                log.warning("export %r is unavailable: %s", export.name, exc)
+                return None
+            export = fresh
+            info = export.disk.get_info()
         except Exception as exc:
-            # Destroyed or otherwise unusable: as good as unknown, but say why.
             log.warning("export %r is unavailable: %s", export.name, exc)
             return None
         size = info.size_sectors * info.sector_size
@@ -952,28 +963,46 @@ class NBDServer:
 
     # --- internals -------------------------------------------------------------------------
     def _open_exports(self) -> None:
-        import shmdisk
-
         for spec in self._specs:
             if isinstance(spec, str):
                 disk = shmdisk.connect(spec, read_only=self.read_only, create=self.create)
                 self._owned.append(disk)
             else:
                 disk = spec
-            name = disk.name
-            if name in self._exports:
-                raise ValueError(f"disk {name!r} is exported twice")
-            info = disk.get_info()
-            self._exports[name] = _Export(
-                name=name,
-                disk=disk,
-                read_only=self.read_only or disk.read_only or not info.read_write,
-                size=info.size_sectors * info.sector_size,
-                sector_size=info.sector_size,
-                page_size=disk.page_size,
-            )
+            if disk.name in self._exports:
+                raise ValueError(f"disk {disk.name!r} is exported twice")
+            self._exports[disk.name] = self._export_of(disk)
             if not self._default:
-                self._default = name
+                self._default = disk.name
+
+    def _export_of(self, disk: Disk) -> _Export:
+        info = disk.get_info()
+        return _Export(
+            name=disk.name,
+            disk=disk,
+            read_only=self.read_only or disk.read_only or not info.read_write,
+            size=info.size_sectors * info.sector_size,
+            sector_size=info.sector_size,
+            page_size=disk.page_size,
+        )
+
+    def _reconnect(self, old: _Export) -> _Export | None:
+        """A new handle on a destroyed disk's name, if we own it and the name exists again."""
+        with self._lock:
+            current = self._exports[old.name]
+            if current.disk is not old.disk:
+                return current  # another connection got here first
+            if not any(d is old.disk for d in self._owned) or self.stopping:
+                return None  # the caller's handle: not ours to replace
+            try:
+                disk = shmdisk.connect(old.name, read_only=self.read_only, create=False)
+            except Exception:
+                return None
+            self._owned.append(disk)
+            export = self._export_of(disk)
+            self._exports[old.name] = export
+        log.info("export %r: the disk was re-created; new connections get the new one", old.name)
+        return export
 
     def _listen(self) -> socket.socket:
         if self.socket_path is not None:
