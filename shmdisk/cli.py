@@ -1078,6 +1078,9 @@ def _demo_worker(
     results.put(report)
 
 
+_MARKS = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
 def _demo_strip(regions: list[tuple[int, int]], size: int, cells: int) -> str:
     """One line of the disk: each worker's region drawn with its number, holes as dots."""
     marks = []
@@ -1087,7 +1090,7 @@ def _demo_strip(regions: list[tuple[int, int]], size: int, cells: int) -> str:
         mark = "\u00b7" if _can_draw_unicode() else "."
         for w, (start, count) in enumerate(regions):
             if start < hi and lo < start + count:
-                mark = str(w % 10)
+                mark = _MARKS[w % len(_MARKS)]
         marks.append(mark)
     return "".join(marks)
 
@@ -1280,7 +1283,8 @@ def _demo_report(
     info = shmdisk.inspect(name)
     data_bytes = sum(c for _, c in regions) * ss
     print(f"  disk map  |{_demo_strip(regions, size, min(64, size))}|")
-    print("            each digit is that worker's region; dots were never written")
+    mark = "digit" if len(regions) <= 10 else "character (0-9, then a-z)"
+    print(f"            each {mark} is that worker's region; dots were never written")
     print(
         f"  memory    {format_bytes_long(info.allocated_bytes)} of RAM holds this"
         f" {format_bytes_long(size * ss)} disk: the {format_bytes_long(size * ss - data_bytes)}"
