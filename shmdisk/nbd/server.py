@@ -1204,6 +1204,7 @@ def run_cli(
     """The body of ``shmdisk serve``: log to stderr, serve until a signal, exit 0."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("shmdisk serve: %(message)s"))
+    saved = log.level, log.propagate
     log.addHandler(handler)
     log.setLevel(logging.WARNING if quiet else logging.INFO)
     log.propagate = False
@@ -1219,4 +1220,5 @@ def run_cli(
         )
     finally:
         log.removeHandler(handler)
+        log.level, log.propagate = saved
     return 0
