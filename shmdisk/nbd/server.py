@@ -1220,5 +1220,6 @@ def run_cli(
         )
     finally:
         log.removeHandler(handler)
-        log.level, log.propagate = saved
+        log.setLevel(saved[0])  # setLevel, not assignment: it clears the loggers' level cache
+        log.propagate = saved[1]
     return 0
