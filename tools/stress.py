@@ -184,7 +184,7 @@ def _join_all(procs: list[Any], timeout: float) -> list[Any]:
 
 
 def _drain(q: Any, n: int, timeout: float) -> list[dict[str, Any]]:
-    out = []
+    out: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
     while len(out) < n:
         try:
@@ -228,7 +228,7 @@ def _write_request(disk: shmdisk.Disk, start: int, data: np.ndarray, rng: random
     if form == 0:
         disk.write(start, data)
     elif form == 1:
-        disk.write(start, split_views(memoryview(data), disk.sector_size, rng))
+        disk.write(start, split_views(memoryview(data.data), disk.sector_size, rng))
     else:
         disk.write_at(start * disk.sector_size, data)
 
@@ -269,7 +269,7 @@ def _torture_loop(
                 if split:
                     # Checker self-test: one request as several calls is *not* atomic.
                     off = start
-                    for piece in split_views(memoryview(data), ss, rng):
+                    for piece in split_views(memoryview(data.data), ss, rng):
                         disk.write(off, piece)
                         off += len(piece) // ss
                 else:
@@ -609,7 +609,8 @@ def _write_lock_held(fd: int, page0: int, pages: int) -> bool:
     """Does anyone hold a write lock on lock-space pages [page0, page0+pages)? (F_OFD_GETLK)"""
     flock = struct.pack("=hh4xqqi4x", fcntl.F_RDLCK, 0, page0, pages, 0)
     res = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, flock)
-    return struct.unpack("=hh4xqqi4x", res)[0] != fcntl.F_UNLCK
+    kind: int = struct.unpack("=hh4xqqi4x", res)[0]
+    return kind != fcntl.F_UNLCK
 
 
 def run_kill(opt: Options) -> Result:
@@ -804,7 +805,7 @@ def run_kill(opt: Options) -> Result:
 
 
 def _max_gap(shared: Any, n: int) -> float:
-    return max(shared[i * _S_FIELDS + _S_GAP] for i in range(n)) / 1e9
+    return float(max(shared[i * _S_FIELDS + _S_GAP] for i in range(n))) / 1e9
 
 
 def _whole_disk_worker(name: str, size: int, ss: int, out: Any) -> None:
@@ -1044,7 +1045,8 @@ def run_resize_destroy(opt: Options) -> Result:
     }
     for p in procs:
         if p.exitcode != 0 and p not in stuck:
-            how = f"signal {-p.exitcode}" if (p.exitcode or 0) < 0 else f"exit {p.exitcode}"
+            code = p.exitcode or 0
+            how = f"signal {-code}" if code < 0 else f"exit {code}"
             r.fail(f"process {p.name} ended with {how}")
     if stuck:
         r.fail(f"{len(stuck)} processes hung")
@@ -1425,14 +1427,15 @@ def hostile_api(examples: int, seed: int) -> dict[str, Any]:
         one()
         # Names: every bad one is refused by every entry point with a typed error.
         for bad in HOSTILE_NAMES:
-            for fn_name, fn in (
+            entry_points: tuple[tuple[str, Callable[[Any], object]], ...] = (
                 ("create", lambda n: shmdisk.create(n, 8)),
                 ("connect", lambda n: shmdisk.connect(n)),
                 ("connect(create=False)", lambda n: shmdisk.connect(n, create=False)),
                 ("destroy", lambda n: shmdisk.destroy(n)),
                 ("inspect", lambda n: shmdisk.inspect(n)),
                 ("segment_path", lambda n: shmdisk.segment_path(n)),
-            ):
+            )
+            for fn_name, fn in entry_points:
                 fig["calls"] += 1
                 try:
                     fn(bad)
@@ -1944,7 +1947,7 @@ def _as_other_user(fn: Callable[[], list[tuple[str, str]]]) -> list[tuple[str, s
     _, status = os.waitpid(pid, 0)
     if not os.WIFEXITED(status):
         return [("child", f"died: status {status}")]
-    return [tuple(x) for x in json.loads(b"".join(chunks) or b"[]")]  # type: ignore[misc]
+    return [(str(a), str(b)) for a, b in json.loads(b"".join(chunks) or b"[]")]
 
 
 def _outcome(fn: Callable[[], object]) -> str:
