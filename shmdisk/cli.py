@@ -1125,10 +1125,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(file=out)
     procs: list[Any] = []
     result = 1
+    disk: shmdisk.Disk | None = None
     # `kill PID` must clean up like Ctrl-C does: turn SIGTERM into an exception too.
     old_term = _set_signal(signal.SIGTERM, _raise_terminated)
-    disk = shmdisk.create(name, size, ss)
     try:
+        disk = shmdisk.create(name, size, ss)
         barrier = ctx.Barrier(workers)
         results = ctx.Queue()
         # Children inherit an ignored SIGINT through exec, so a Ctrl-C during their start-up
@@ -1158,7 +1159,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("terminated: stopping the workers", file=sys.stderr)
         return 143
     finally:
-        _set_signal(signal.SIGTERM, old_term)
+        # A second Ctrl-C or SIGTERM must not cut the clean-up short.
+        old_int = _set_signal(signal.SIGINT, signal.SIG_IGN)
+        _set_signal(signal.SIGTERM, signal.SIG_IGN)
         for proc in procs:
             if proc.is_alive():
                 proc.terminate()
@@ -1166,10 +1169,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=5)
-        disk.disconnect()
-        if args.keep:
+        if disk is not None:
+            disk.disconnect()
+        if args.keep and disk is not None:
             print(f"disk {name} kept: try `shmdisk map {name}`, then `shmdisk destroy {name}`")
         else:
+            # Also when a signal landed inside create(): the segment may exist without a
+            # handle, and its name (our pid and a random token) is nobody else's.
             shmdisk.destroy(name)
             print(f"disk {name} destroyed", file=out)
             if result == 0:
@@ -1178,6 +1184,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     " shmdisk destroy scratch",
                     file=out,
                 )
+        _set_signal(signal.SIGTERM, old_term)
+        _set_signal(signal.SIGINT, old_int)
 
 
 class _Terminated(Exception):
