@@ -2101,7 +2101,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "-d", "--duration", type=float, default=10.0, help="seconds per timed scenario (default 10)"
     )
-    ap.add_argument("-p", "--processes", type=int, default=4, help="worker processes (default 4)")
+    ap.add_argument(
+        "-p",
+        "--processes",
+        type=int,
+        default=4,
+        help="processes (default 4). torture: workers; kill: half are victims, the rest "
+        "read, plus one writer and one resizer; resize-destroy: N-2 (at least 2) do I/O "
+        "besides the resizer and the destroyer",
+    )
     ap.add_argument("--seed", type=int, help="random seed (default: a fresh one)")
     ap.add_argument(
         "--window-at",
