@@ -1,7 +1,8 @@
 """The ``shmdisk`` and ``shmdisk-ls`` commands.
 
 ``main(argv) -> int`` and ``ls_main(argv) -> int`` never call ``sys.exit`` themselves, so tests and
-other programs can call them. Exit codes: 0 ok, 1 failed, 2 usage error, 130 interrupted (Ctrl-C).
+other programs can call them. Exit codes: 0 ok, 1 failed, 2 usage error, 130 interrupted (Ctrl-C;
+143 when ``demo`` is stopped by SIGTERM).
 Every failure is one line ``shmdisk: error: ...`` on stderr; everything a script may want to read
 has ``--json``, an object whose ``"version"`` key is bumped when a field changes meaning.
 
