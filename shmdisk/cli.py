@@ -1589,11 +1589,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     return parser, sub
 
 
+def _load_nbd_cli() -> Any:
+    return importlib.import_module("shmdisk.nbd.cli")
+
+
 def _add_serve(sub: Any) -> None:
     """``serve`` comes from the NBD package; if it cannot load, only ``serve`` says so."""
     try:
-        nbd_cli = importlib.import_module("shmdisk.nbd.cli")
-        nbd_cli.register(sub)
+        _load_nbd_cli().register(sub)
     except Exception as exc:
         reason = _describe(exc)
         p = sub.add_parser("serve", help="serve disks over NBD (unavailable)", add_help=False)

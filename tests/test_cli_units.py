@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from shmdisk import cli
 from shmdisk._render import GLYPHS_ASCII, cell_fractions, render_map
 from shmdisk._units import format_bytes, format_bytes_long, parse_bytes, parse_size
 
@@ -96,3 +97,21 @@ def test_render_map_empty_and_tiny_disks() -> None:
     assert render_map([], 0, 512) == ["(empty disk: 0 sectors)"]
     lines = render_map([(0, 8, True), (8, 8, False)], 16, 512, glyphs=GLYPHS_ASCII)
     assert lines[0] == "0B #."
+
+
+def test_a_broken_nbd_module_fails_serve_only(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """If shmdisk.nbd.cli cannot load, `serve` fails with one line and other commands work."""
+
+    def broken() -> None:
+        raise ImportError("no module named 'shmdisk.nbd.cli'")
+
+    monkeypatch.setattr(cli, "_load_nbd_cli", broken)
+    assert cli.main(["serve", "x", "--bind", "127.0.0.1:1"]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err == "shmdisk: error: the NBD server is unavailable: no module named 'shmdisk.nbd.cli'\n"
+    )
+    assert cli.main(["create", "--help"]) == 0
+    assert "example" in capsys.readouterr().out
