@@ -66,6 +66,30 @@ _GROUP_BYTES_SHIFT = 12
 _GROUP_SHIFT = _GROUP_BYTES_SHIFT - 2
 
 
+class _FdCloser:
+    """Closes a thread's lock descriptor when the thread's local storage goes away.
+
+    The descriptor is closed only if it is still registered, under the same lock that
+    ``disconnect`` uses to close them all, so each descriptor is closed exactly once and a
+    number reused by someone else afterwards is never closed by mistake.
+    """
+
+    __slots__ = ("fd", "lock", "registry")
+
+    def __init__(self, fd: int, registry: set[int], lock: threading.Lock) -> None:
+        self.fd, self.registry, self.lock = fd, registry, lock
+
+    def __del__(self) -> None:
+        with self.lock:
+            if self.fd not in self.registry:
+                return
+            self.registry.discard(self.fd)
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
 @dataclass(frozen=True)
 class DiskInfo:
     """What ``Disk.get_info`` reports (mirage's ``Mirage_block.info``)."""
@@ -138,7 +162,7 @@ class Disk:
         self._max_pages = h.max_pages
         self._data_offset = h.data_offset
         self._fds_lock = threading.Lock()
-        self._lock_fds: list[int] = []
+        self._lock_fds: set[int] = set()
         self._tls = threading.local()
         self._page_structs: dict[int, tuple[bytes, bytes]] = {}
         self._fd = opened.fd
@@ -200,11 +224,12 @@ class Disk:
                 os.close(fd)
             except OSError:
                 pass
-        self._lock_fds = []
+        self._lock_fds = set()
         self._tls = threading.local()
         self._fds_lock = threading.Lock()
 
     def _lock_fd(self) -> int:
+        """This thread's lock descriptor (OFD locks exclude per open file, not per thread)."""
         try:
             return self._tls.fd  # type: ignore[no-any-return]
         except AttributeError:
@@ -213,8 +238,11 @@ class Disk:
             if self._hq is None:
                 raise DisconnectedError(f"disk {self.name!r} is disconnected")
             fd = _locks.reopen(self._fd, not self.read_only)
-            self._lock_fds.append(fd)
+            self._lock_fds.add(fd)
         self._tls.fd = fd
+        # Closed when this thread ends (its thread-local storage is dropped), so short-lived
+        # threads do not pile up descriptors on a long-lived handle.
+        self._tls.closer = _FdCloser(fd, self._lock_fds, self._fds_lock)
         return fd
 
     # ----------------------------------------------------------------- checks
@@ -327,12 +355,16 @@ class Disk:
         """Copy ``buffers`` (one or a list, each whole sectors) to the disk at ``sector``."""
         t = type(buffers)
         if (
-            (t is bytes or t is bytearray or (t is memoryview and buffers.format == "B"))  # type: ignore[union-attr]
+            (
+                t is bytes
+                or t is bytearray
+                or (t is memoryview and buffers.format == "B" and buffers.c_contiguous)  # type: ignore[union-attr]
+            )
             and type(sector) is int
             and not self.read_only
         ):
-            # The common case: a plain byte buffer can be copied from as it is (a 1-D byte
-            # memoryview too, strided or not); _write checks the range.
+            # The common case: a plain byte buffer can be copied from as it is (a contiguous
+            # 1-D byte memoryview too); _write checks the range.
             n = len(buffers)  # type: ignore[arg-type]
             if not n % self.sector_size and (t is not memoryview or buffers.ndim == 1):  # type: ignore[union-attr]
                 return self._write(sector * self.sector_size, (buffers,), n)  # type: ignore[arg-type]
@@ -788,9 +820,15 @@ class Disk:
                     except BufferError:
                         pass  # a call in another thread still copies; unmapped when it is done
             self._data = self._meta = None
-            fds = self.__dict__.get("_lock_fds", [])
-            self._lock_fds = []
-            for fd in [*fds, self._fd]:
+            fds_lock = self.__dict__.get("_fds_lock")
+            fds: set[int] = self.__dict__.get("_lock_fds", set())
+            if fds_lock is not None:
+                with fds_lock:
+                    to_close = [*fds]
+                    fds.clear()  # a thread's closer finding its fd gone closes nothing
+            else:
+                to_close = []
+            for fd in [*to_close, self._fd]:
                 if fd >= 0:
                     try:
                         os.close(fd)

@@ -278,3 +278,20 @@ def test_destroy_while_waiting_for_lock_raises_disconnected(disk: shmdisk.Disk, 
         disk.flush()
     assert disk.closed
     other.disconnect()
+
+
+def test_short_lived_threads_do_not_pile_up_descriptors(disk: shmdisk.Disk) -> None:
+    """Each thread's lock descriptor is closed when the thread ends, not kept until disconnect."""
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    disk.write(0, bytes(512))  # this thread's own descriptor exists before we count
+    before = fds()
+    for _ in range(40):
+        t = threading.Thread(target=disk.write, args=(0, bytes(512)))
+        t.start()
+        t.join(10)
+    assert fds() <= before + 1
+    disk.disconnect()
+    assert fds() < before
