@@ -42,3 +42,10 @@ def test_torture_across_a_page_map_boundary() -> None:
     )
     assert r.ok, r.problems
     assert r.figures["torn_reads"] == 0 and r.figures["corrupt_reads"] == 0
+
+
+def test_torture_blocks_discard() -> None:
+    """Whole blocks written, discarded and zeroed concurrently: each reads whole or all zero."""
+    r = stress.run_torture(stress.Options(duration=2.0, processes=3, seed=12, blocks=True))
+    assert r.ok, r.problems
+    assert r.figures["torn_reads"] == 0 and r.figures["corrupt_reads"] == 0

@@ -124,6 +124,7 @@ class Options:
     interval: float = 1.0  # seconds between progress lines
     threads: int = 1  # torture: threads per process, sharing one Disk handle
     window_at: int = 0  # torture: first page of the I/O window (1000: across a page-map page)
+    blocks: bool = False  # torture: whole-block writes, discards and zeroings (see _blocks_loop)
     split_writes: bool = False  # torture self-test: non-atomic writes that must be caught
 
     def rng(self, salt: int = 0) -> random.Random:
@@ -290,6 +291,71 @@ def _torture_loop(
             counters[base + i] = value
 
 
+def _blocks_loop(
+    disk: shmdisk.Disk,
+    writer: int,
+    rng: random.Random,
+    stop_at: float,
+    counters: Any,
+    slot: int,
+    problems: list[str],
+    window: int,
+) -> None:
+    """Whole-block writes, discards and zeroings, checked by whole-block reads.
+
+    The window is cut into blocks of 2 pages + 3 sectors, starting one sector in, so block
+    edges fall inside pages and neighbours share a page: a discard then zeroes part of a page in
+    place while a writer may be writing the other part. Every block only ever holds one whole
+    request or all zeros, so a read of it must show exactly one of those.
+    """
+    c = [0] * _T_FIELDS
+    base = slot * _T_FIELDS
+    ss = disk.sector_size
+    pps = disk.page_size // ss
+    size = disk.get_info().size_sectors
+    blen = 2 * pps + 3
+    first = size - window + 1
+    nblocks = (window - 1) // blen
+    seq = 0
+    while time.monotonic() < stop_at:
+        for _ in range(32):
+            b = rng.randrange(nblocks)
+            start = first + b * blen
+            op = rng.random()
+            if op < 0.35:
+                seq += 1
+                _write_request(disk, start, stamp.make_request(writer, seq, start, blen, ss), rng)
+                c[_T_WRITES] += 1
+            elif op < 0.5:
+                if rng.random() < 0.5:
+                    disk.discard(start, blen)
+                else:
+                    disk.write_zeroes(start, blen, may_unmap=rng.random() < 0.5)
+                c[_T_WRITES] += 1
+            else:
+                n = min(rng.randint(1, 3), nblocks - b)
+                buf = _read_request(disk, start, n * blen, rng)
+                c[_T_READS] += 1
+                v = stamp.parse(buf, start, ss)
+                bad = v.corrupt[:1]
+                for k in range(n):
+                    labels = set(v.labels[k * blen : (k + 1) * blen].tolist())
+                    if labels == {-1}:
+                        continue
+                    if len(labels) == 1:
+                        (lab,) = labels
+                        if lab >= 0 and v.keys[lab][2:] == (start + k * blen, blen):
+                            continue
+                    bad.append(f"block at {start + k * blen} is neither one request nor zeros")
+                if bad:
+                    c[_T_TORN if not v.corrupt else _T_CORRUPT] += 1
+                    if len(problems) < 5:
+                        problems.append(bad[0])
+            c[_T_OPS] += 1
+        for i, value in enumerate(c):
+            counters[base + i] = value
+
+
 def _torture_worker(
     name: str,
     wid: int,
@@ -299,6 +365,7 @@ def _torture_worker(
     split: bool,
     threads: int,
     window: int,
+    blocks: bool,
     counters: Any,
     out: Any,
 ) -> None:
@@ -314,6 +381,18 @@ def _torture_worker(
 
         def run(t: int) -> None:
             try:
+                if blocks:
+                    _blocks_loop(
+                        disk,
+                        wid * threads + t + 1,
+                        random.Random(seed * 131 + t),
+                        stop_at,
+                        counters,
+                        wid * threads + t,
+                        res["problems"],
+                        window,
+                    )
+                    return
                 _torture_loop(
                     disk,
                     wid * threads + t + 1,
@@ -374,6 +453,7 @@ def run_torture(opt: Options) -> Result:
                     opt.split_writes,
                     opt.threads,
                     window,
+                    opt.blocks,
                     counters,
                     out,
                 ),
@@ -394,6 +474,7 @@ def run_torture(opt: Options) -> Result:
     r.figures = {
         "processes": n,
         "threads_per_process": opt.threads,
+        "mode": "blocks (write/discard/zero whole blocks)" if opt.blocks else "random requests",
         "disk_sectors": size,
         "io_window_sectors": [size - window, size],
         "sector_size": ss,
@@ -2119,6 +2200,12 @@ def main(argv: list[str] | None = None) -> int:
         "1000 makes requests cross the 1024-page boundary of the page map's own pages)",
     )
     ap.add_argument(
+        "--blocks",
+        action="store_true",
+        help="torture: write, discard and zero whole blocks (2 pages + 3 sectors, edges "
+        "inside pages); every block must read as one whole request or all zeros",
+    )
+    ap.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -2187,6 +2274,7 @@ def main(argv: list[str] | None = None) -> int:
         split_writes=args.split_writes,
         threads=args.threads,
         window_at=args.window_at,
+        blocks=args.blocks,
         sector_size=args.sector_size,
     )
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
