@@ -192,9 +192,10 @@ def test_loop_keeps_serving_while_a_write_waits_for_another_process(name: str) -
             return ticks_while_blocked, worst_gap, waited_after_release
 
         ticks, worst_gap, _ = run(main())
-        # 0.4 s of 5 ms sleeps: a loop that was never blocked ticks dozens of times.
-        assert ticks >= 20, ticks
-        assert worst_gap < 0.2, worst_gap
+        # 0.4 s of 5 ms sleeps: a free loop ticks dozens of times, a blocked one not at all. The
+        # bounds leave room for a busy machine, not for a loop stuck behind the lock (>= 0.4 s).
+        assert ticks >= 10, ticks
+        assert worst_gap < 0.3, worst_gap
     finally:
         release.set()
         holder.join(timeout=30)
