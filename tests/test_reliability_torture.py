@@ -49,3 +49,13 @@ def test_torture_blocks_discard() -> None:
     r = stress.run_torture(stress.Options(duration=2.0, processes=3, seed=12, blocks=True))
     assert r.ok, r.problems
     assert r.figures["torn_reads"] == 0 and r.figures["corrupt_reads"] == 0
+
+
+def test_torture_blocks_resize() -> None:
+    """Shrinks to a block boundary and regrowth under block I/O: never a half-dropped block."""
+    r = stress.run_torture(
+        stress.Options(duration=2.0, processes=3, seed=13, blocks=True, resize=True, discard=False)
+    )
+    assert r.ok, r.problems
+    assert r.figures["resizes"] > 0
+    assert r.figures["torn_reads"] == 0 and r.figures["corrupt_reads"] == 0

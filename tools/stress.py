@@ -125,6 +125,8 @@ class Options:
     threads: int = 1  # torture: threads per process, sharing one Disk handle
     window_at: int = 0  # torture: first page of the I/O window (1000: across a page-map page)
     blocks: bool = False  # torture: whole-block writes, discards and zeroings (see _blocks_loop)
+    resize: bool = False  # torture --blocks: also shrink to a block boundary and grow back
+    discard: bool = True  # torture --blocks: discard and zero blocks (off: --no-discard)
     split_writes: bool = False  # torture self-test: non-atomic writes that must be caught
 
     def rng(self, salt: int = 0) -> random.Random:
@@ -237,7 +239,7 @@ def _write_request(disk: shmdisk.Disk, start: int, data: np.ndarray, rng: random
 # --------------------------------------------------------------------------- torture
 
 # Per-worker counters in shared memory, read by the parent for progress lines.
-_T_OPS, _T_READS, _T_WRITES, _T_TORN, _T_CORRUPT, _T_FIELDS = range(6)
+_T_OPS, _T_READS, _T_WRITES, _T_TORN, _T_CORRUPT, _T_OOR, _T_RESIZES, _T_FIELDS = range(8)
 
 
 def _torture_loop(
@@ -300,6 +302,7 @@ def _blocks_loop(
     slot: int,
     problems: list[str],
     window: int,
+    mix: str,
 ) -> None:
     """Whole-block writes, discards and zeroings, checked by whole-block reads.
 
@@ -316,44 +319,74 @@ def _blocks_loop(
     blen = 2 * pps + 3
     first = size - window + 1
     nblocks = (window - 1) // blen
-    seq = 0
     while time.monotonic() < stop_at:
         for _ in range(32):
             b = rng.randrange(nblocks)
             start = first + b * blen
             op = rng.random()
-            if op < 0.35:
-                seq += 1
-                _write_request(disk, start, stamp.make_request(writer, seq, start, blen, ss), rng)
-                c[_T_WRITES] += 1
-            elif op < 0.5:
-                if rng.random() < 0.5:
-                    disk.discard(start, blen)
-                else:
-                    disk.write_zeroes(start, blen, may_unmap=rng.random() < 0.5)
-                c[_T_WRITES] += 1
-            else:
-                n = min(rng.randint(1, 3), nblocks - b)
-                buf = _read_request(disk, start, n * blen, rng)
-                c[_T_READS] += 1
-                v = stamp.parse(buf, start, ss)
-                bad = v.corrupt[:1]
-                for k in range(n):
-                    labels = set(v.labels[k * blen : (k + 1) * blen].tolist())
-                    if labels == {-1}:
-                        continue
-                    if len(labels) == 1:
-                        (lab,) = labels
-                        if lab >= 0 and v.keys[lab][2:] == (start + k * blen, blen):
-                            continue
-                    bad.append(f"block at {start + k * blen} is neither one request nor zeros")
-                if bad:
-                    c[_T_TORN if not v.corrupt else _T_CORRUPT] += 1
-                    if len(problems) < 5:
-                        problems.append(bad[0])
+            try:
+                _block_op(
+                    disk, writer, rng, op, b, start, blen, nblocks, first, size, c, problems, mix
+                )
+            except shmdisk.OutOfRangeError:
+                c[_T_OOR] += 1  # a block past a shrink (only with resizes): legitimately gone
             c[_T_OPS] += 1
         for i, value in enumerate(c):
             counters[base + i] = value
+
+
+def _block_op(
+    disk: shmdisk.Disk,
+    writer: int,
+    rng: random.Random,
+    op: float,
+    b: int,
+    start: int,
+    blen: int,
+    nblocks: int,
+    first: int,
+    size: int,
+    c: list[int],
+    problems: list[str],
+    mix: str,
+) -> None:
+    ss = disk.sector_size
+    if "r" in mix and op < 0.01:
+        # Shrink to a block boundary (so whole blocks go) and grow back: the dropped blocks
+        # must read as zeros afterwards, and a read racing the shrink must not see half of it.
+        cut = first + rng.randrange(nblocks // 2, nblocks) * blen
+        disk.resize(cut)
+        disk.resize(size)
+        c[_T_RESIZES] += 1
+    elif op < 0.35:
+        seq = c[_T_WRITES] + 1  # strictly increasing per writer, as the checker expects
+        _write_request(disk, start, stamp.make_request(writer, seq, start, blen, ss), rng)
+        c[_T_WRITES] += 1
+    elif op < 0.5 and "d" in mix:
+        if rng.random() < 0.5:
+            disk.discard(start, blen)
+        else:
+            disk.write_zeroes(start, blen, may_unmap=rng.random() < 0.5)
+        c[_T_WRITES] += 1
+    else:
+        n = min(rng.randint(1, 3), nblocks - b)
+        buf = _read_request(disk, start, n * blen, rng)
+        c[_T_READS] += 1
+        v = stamp.parse(buf, start, ss)
+        bad = v.corrupt[:1]
+        for k in range(n):
+            labels = set(v.labels[k * blen : (k + 1) * blen].tolist())
+            if labels == {-1}:
+                continue
+            if len(labels) == 1:
+                (lab,) = labels
+                if lab >= 0 and v.keys[lab][2:] == (start + k * blen, blen):
+                    continue
+            bad.append(f"block at {start + k * blen} is neither one request nor zeros")
+        if bad:
+            c[_T_TORN if not v.corrupt else _T_CORRUPT] += 1
+            if len(problems) < 5:
+                problems.append(bad[0])
 
 
 def _torture_worker(
@@ -366,6 +399,7 @@ def _torture_worker(
     threads: int,
     window: int,
     blocks: bool,
+    mix: str,
     counters: Any,
     out: Any,
 ) -> None:
@@ -391,6 +425,7 @@ def _torture_worker(
                         wid * threads + t,
                         res["problems"],
                         window,
+                        mix,
                     )
                     return
                 _torture_loop(
@@ -454,6 +489,7 @@ def run_torture(opt: Options) -> Result:
                     opt.threads,
                     window,
                     opt.blocks,
+                    ("d" if opt.discard else "") + ("r" if opt.resize else ""),
                     counters,
                     out,
                 ),
@@ -474,7 +510,7 @@ def run_torture(opt: Options) -> Result:
     r.figures = {
         "processes": n,
         "threads_per_process": opt.threads,
-        "mode": "blocks (write/discard/zero whole blocks)" if opt.blocks else "random requests",
+        "mode": _mode(opt),
         "disk_sectors": size,
         "io_window_sectors": [size - window, size],
         "sector_size": ss,
@@ -483,6 +519,8 @@ def run_torture(opt: Options) -> Result:
         "reads": totals[_T_READS],
         "writes": totals[_T_WRITES],
         "torn_reads": totals[_T_TORN],
+        "resizes": totals[_T_RESIZES],
+        "out_of_range_after_shrink": totals[_T_OOR],
         "corrupt_reads": totals[_T_CORRUPT],
         "ops_per_s": round(totals[_T_OPS] / busy),
         "seconds_of_io": round(busy, 1),
@@ -509,6 +547,15 @@ def run_torture(opt: Options) -> Result:
     if totals[_T_READS] == 0 or totals[_T_WRITES] == 0:
         r.fail("no reads or no writes were done")
     return r
+
+
+def _mode(opt: Options) -> str:
+    if not opt.blocks:
+        return "random requests"
+    parts = (
+        ["write"] + (["discard/zero"] if opt.discard else []) + (["resize"] if opt.resize else [])
+    )
+    return "whole blocks: " + ", ".join(parts)
 
 
 def _torture_line(counters: Any, n: int, t0: float) -> str:
@@ -2206,6 +2253,18 @@ def main(argv: list[str] | None = None) -> int:
         "inside pages); every block must read as one whole request or all zeros",
     )
     ap.add_argument(
+        "--resize",
+        action="store_true",
+        help="torture --blocks: now and then shrink the disk to a block boundary and grow it "
+        "back; dropped blocks must read zero, never half-dropped",
+    )
+    ap.add_argument(
+        "--no-discard",
+        dest="discard",
+        action="store_false",
+        help="torture --blocks: no discards or zeroings (to look at --resize alone)",
+    )
+    ap.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -2275,6 +2334,8 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         window_at=args.window_at,
         blocks=args.blocks,
+        resize=args.resize,
+        discard=args.discard,
         sector_size=args.sector_size,
     )
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
