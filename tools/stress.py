@@ -1826,7 +1826,11 @@ def forged_case(i: int, seed: int, tmpl: bytes, size: int) -> tuple[str, str, by
     if i < len(specials):
         return specials[i]
     rng = random.Random(seed * 7919 + i)
-    kind = rng.randrange(4)
+    kind = rng.randrange(5)
+    if kind == 4:  # a valid header over a garbage page map: odd, mapped, huge counters
+        words = [rng.choice([0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, rng.getrandbits(32)])
+                 for _ in range(64)]  # fmt: skip
+        return "garbage page map", "file", tmpl + struct.pack("<64I", *words), size
     if kind == 0:  # random bytes, random length
         n = rng.choice([rng.randrange(0, 200), rng.randrange(0, 8192)])
         return f"random {n} bytes", "file", rng.randbytes(n), n
@@ -1892,6 +1896,16 @@ def _forged_worker(first: int, count: int, seed: int, tag: str, out: Any) -> Non
         out.send(("case", i, label))
         res: dict[str, Any] = {"i": i, "label": label, "problems": [], "tried": 0, "typed": 0}
         _make_forged(path, kind, raw, fsize)
+        ino = os.lstat(path).st_ino
+
+        def replaced(path: str = path, ino: int = ino) -> bool:
+            # A leak guard in a concurrent test run may destroy a segment it cannot attribute
+            # (a bad header names no creator); connect() then makes a new disk. Not our finding.
+            try:
+                return os.lstat(path).st_ino != ino
+            except FileNotFoundError:
+                return True
+
         try:
             header_ok = False
             if kind == "file" and fsize >= 128 and len(raw) >= 128:
@@ -1922,7 +1936,9 @@ def _forged_worker(first: int, count: int, seed: int, tag: str, out: Any) -> Non
                     res["problems"].append(f"{how} raised untyped {e!r}")
                     continue
                 try:
-                    if not header_ok:
+                    if not header_ok and replaced():
+                        res["disturbed"] = True
+                    elif not header_ok:
                         res["problems"].append(f"{how} accepted a bad header")
                     _exercise(d)
                 except shmdisk.ShmdiskError:
@@ -1931,7 +1947,7 @@ def _forged_worker(first: int, count: int, seed: int, tag: str, out: Any) -> Non
                     res["problems"].append(f"{how}: I/O on the handle raised untyped {e!r}")
                 finally:
                     d.disconnect()
-            if kind == "file" and not header_ok:
+            if kind == "file" and not header_ok and not replaced():
                 with open(path, "rb") as f:
                     if f.read(len(raw)) != raw:
                         res["problems"].append("a bad segment was modified by connect")
@@ -1964,7 +1980,14 @@ def _exercise(d: shmdisk.Disk) -> None:
 def hostile_segments(cases: int, seed: int, timeout: float = 60.0) -> dict[str, Any]:
     """Forge ``cases`` segments and feed them to a child; a crash or hang there is a failure."""
     tag = unique_name("forged")
-    fig = {"segments": 0, "entry_point_calls": 0, "typed_errors": 0, "crashes": 0, "hangs": 0}
+    fig = {
+        "segments": 0,
+        "entry_point_calls": 0,
+        "typed_errors": 0,
+        "crashes": 0,
+        "hangs": 0,
+        "disturbed_by_other_processes": 0,
+    }
     problems: list[str] = []
     i = 0
     while i < cases:
@@ -1991,6 +2014,7 @@ def hostile_segments(cases: int, seed: int, timeout: float = 60.0) -> dict[str, 
                 fig["segments"] += 1
                 fig["entry_point_calls"] += payload["tried"]
                 fig["typed_errors"] += payload["typed"]
+                fig["disturbed_by_other_processes"] += bool(payload.get("disturbed"))
                 for prob in payload["problems"]:
                     problems.append(f"case {j} ({payload['label']}): {prob}")
                 i = j + 1
