@@ -37,6 +37,7 @@ from .errors import (
     ShmdiskError,
     UnimplementedError,
     UnknownError,
+    WouldBlockError,
 )
 
 __version__ = "0.1.0"
@@ -65,6 +66,7 @@ __all__ = [
     "ShmdiskError",
     "UnimplementedError",
     "UnknownError",
+    "WouldBlockError",
     "__version__",
     "connect",
     "create",

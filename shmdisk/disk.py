@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from .errors import (
     IsReadOnlyError,
     OutOfRangeError,
     UnknownError,
+    WouldBlockError,
 )
 
 if TYPE_CHECKING:
@@ -338,21 +339,29 @@ class Disk:
     def closed(self) -> bool:
         return self._hq is None
 
-    def read(self, sector: int, buffers: Buffers) -> None:
-        """Fill ``buffers`` (one or a list, each whole sectors) from ``sector`` onwards."""
+    def read(self, sector: int, buffers: Buffers, *, wait: bool = True) -> None:
+        """Fill ``buffers`` (one or a list, each whole sectors) from ``sector`` onwards.
+
+        With ``wait=False`` a read that would have to wait for a writer in another thread or
+        process raises ``WouldBlockError`` instead, having changed nothing.
+        """
         t = type(buffers)
         if t is bytearray and type(sector) is int:
             # The common case, checked without building views; _read checks the range.
             n = len(buffers)  # type: ignore[arg-type]
             if not n % self.sector_size:
-                return self._read(sector * self.sector_size, (buffers,), n)  # type: ignore[arg-type]
+                return self._read(sector * self.sector_size, (buffers,), n, wait)  # type: ignore[arg-type]
         views, total = self._views(buffers, True)
         if type(sector) is not int:
             sector = _index(sector, "sector")
-        self._read(sector * self.sector_size, views, total)
+        self._read(sector * self.sector_size, views, total, wait)
 
-    def write(self, sector: int, buffers: Buffers) -> None:
-        """Copy ``buffers`` (one or a list, each whole sectors) to the disk at ``sector``."""
+    def write(self, sector: int, buffers: Buffers, *, wait: bool = True) -> None:
+        """Copy ``buffers`` (one or a list, each whole sectors) to the disk at ``sector``.
+
+        With ``wait=False`` a write whose pages are locked by another thread or process
+        raises ``WouldBlockError`` instead, having written nothing.
+        """
         t = type(buffers)
         if (
             (
@@ -367,27 +376,27 @@ class Disk:
             # 1-D byte memoryview too); _write checks the range.
             n = len(buffers)  # type: ignore[arg-type]
             if not n % self.sector_size and (t is not memoryview or buffers.ndim == 1):  # type: ignore[union-attr]
-                return self._write(sector * self.sector_size, (buffers,), n)  # type: ignore[arg-type]
+                return self._write(sector * self.sector_size, (buffers,), n, wait)  # type: ignore[arg-type]
         if self.read_only:
             self._header()
             raise IsReadOnlyError(f"disk {self.name!r} is connected read-only")
         views, total = self._views(buffers, False)
         if type(sector) is not int:
             sector = _index(sector, "sector")
-        self._write(sector * self.sector_size, views, total)
+        self._write(sector * self.sector_size, views, total, wait)
 
-    def read_at(self, offset: int, buffer: BufferLike) -> None:
+    def read_at(self, offset: int, buffer: BufferLike, *, wait: bool = True) -> None:
         """Fill ``buffer`` from byte ``offset``; any alignment, atomic like ``read``."""
         v = self._byte_view(buffer, True)
-        self._read(_index(offset, "offset"), [v], len(v))
+        self._read(_index(offset, "offset"), [v], len(v), wait)
 
-    def write_at(self, offset: int, data: BufferLike) -> None:
+    def write_at(self, offset: int, data: BufferLike, *, wait: bool = True) -> None:
         """Write ``data`` at byte ``offset``; any alignment, atomic like ``write``."""
         if self.read_only:
             self._header()
             raise IsReadOnlyError(f"disk {self.name!r} is connected read-only")
         v = self._byte_view(data, False)
-        self._write(_index(offset, "offset"), [v], len(v))
+        self._write(_index(offset, "offset"), [v], len(v), wait)
 
     def _byte_view(self, buffer: BufferLike, writable: bool) -> memoryview:
         try:
@@ -403,7 +412,7 @@ class Disk:
     # The two hot paths below are written out flat on purpose: at 4 KiB a request costs a few
     # microseconds, and every extra Python call in them costs about 0.1 us of that.
 
-    def _read(self, off: int, views: Sequence[memoryview], total: int) -> None:
+    def _read(self, off: int, views: Sequence[memoryview], total: int, wait: bool = True) -> None:
         hq = self._hq
         if hq is None:
             raise DisconnectedError(f"disk {self.name!r} is disconnected")
@@ -444,7 +453,10 @@ class Disk:
             fd = self._tls.fd
         except AttributeError:
             fd = self._lock_fd()
-        _fcntl(fd, _SETLKW, _pack(_RD, 0, p0, p1 - p0, 0))
+        if wait:
+            _fcntl(fd, _SETLKW, _pack(_RD, 0, p0, p1 - p0, 0))
+        else:
+            self._lock_now(fd, _RD, p0, p1 - p0)
         try:
             hq = self._header(locked=True)
             self._check_range(hq, off, total)
@@ -514,7 +526,7 @@ class Disk:
                 ri += 1
             off = vend
 
-    def _write(self, off: int, views: Sequence[memoryview], total: int) -> None:
+    def _write(self, off: int, views: Sequence[memoryview], total: int, wait: bool = True) -> None:
         hq = self._hq
         if hq is None:
             raise DisconnectedError(f"disk {self.name!r} is disconnected")
@@ -547,7 +559,10 @@ class Disk:
             lock_s, unlock_s = structs
         else:
             lock_s, unlock_s = _pack(_WR, 0, p0, n, 0), _pack(_UN, 0, p0, n, 0)
-        _fcntl(fd, _SETLKW, lock_s)
+        if wait:
+            _fcntl(fd, _SETLKW, lock_s)
+        else:
+            self._lock_now(fd, _WR, p0, n)
         try:
             # Again under the lock: a resize or destroy may have come in between.
             if hq[_F_GONE] or end > hq[_F_SIZE] * ss or end > self._cap:
@@ -584,6 +599,12 @@ class Disk:
                     seg[:] = _pagemap.written(ws)
         finally:
             _fcntl(fd, _SETLKW, unlock_s)
+
+    def _lock_now(self, fd: int, kind: int, start: int, length: int) -> None:
+        if not _locks.try_lock(fd, kind, start, length):
+            raise WouldBlockError(
+                f"disk {self.name!r}: pages {start}-{start + length - 1} are locked elsewhere"
+            )
 
     def _allocate(self, page: int, n: int) -> None:
         """Give pages real memory before their first write.
@@ -798,12 +819,12 @@ class Disk:
         """Nothing to do (memory is the medium), but a disconnected handle still fails."""
         self._header()
 
-    def open(self, mode: str = "rb") -> IO[bytes]:
-        """The disk as a binary file object (see ``shmdisk._fileio``)."""
+    def open(self, mode: str = "rb", buffering: int = -1) -> BinaryIO:
+        """The disk as a binary file object, buffered as ``open`` does (``shmdisk._fileio``)."""
         from ._fileio import open_disk
 
         self._header()
-        return open_disk(self, mode)
+        return open_disk(self, mode, buffering)
 
     def disconnect(self) -> None:
         """Release this handle (descriptors, mappings); idempotent. The disk stays."""

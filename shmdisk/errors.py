@@ -15,6 +15,7 @@ the error vocabulary of the MirageOS BLOCK interface (``Unknown``, ``Unimplement
     ├── PermissionDeniedError   (PermissionError)     the segment's mode forbids this process
     ├── DiskFullError           (OSError, ENOSPC)     /dev/shm has no room for a new page
     ├── LockTimeoutError        (TimeoutError)        a lock or a half-made segment never came free
+    ├── WouldBlockError         (BlockingIOError)     wait=False and another holder has the lock
     ├── InvalidArgumentError    (TypeError)           a sector or count that is not an int
     ├── OutOfRangeError         (ValueError)          a sector range outside the disk
     ├── BadBufferError          (ValueError, TypeError) not a buffer, read-only, not whole sectors
@@ -46,6 +47,7 @@ __all__ = [
     "ShmdiskError",
     "UnimplementedError",
     "UnknownError",
+    "WouldBlockError",
 ]
 
 
@@ -100,6 +102,10 @@ class LockTimeoutError(ShmdiskError, TimeoutError):
 
 class InvalidArgumentError(ShmdiskError, TypeError):
     """A sector, count or size of the wrong type (not an integer)."""
+
+
+class WouldBlockError(ShmdiskError, BlockingIOError):
+    """``wait=False`` was asked and the pages are locked by someone else; nothing was done."""
 
 
 class OutOfRangeError(ShmdiskError, ValueError):

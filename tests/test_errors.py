@@ -20,6 +20,7 @@ STDLIB_BASE = {
     errors.PermissionDeniedError: PermissionError,
     errors.DiskFullError: OSError,
     errors.LockTimeoutError: TimeoutError,
+    errors.WouldBlockError: BlockingIOError,
     errors.InvalidArgumentError: TypeError,
     errors.OutOfRangeError: ValueError,
     errors.BadBufferError: ValueError,

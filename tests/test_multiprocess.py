@@ -295,3 +295,29 @@ def test_short_lived_threads_do_not_pile_up_descriptors(disk: shmdisk.Disk) -> N
     assert fds() <= before + 1
     disk.disconnect()
     assert fds() < before
+
+
+def test_wait_false_refuses_instead_of_waiting(disk: shmdisk.Disk) -> None:
+    """With wait=False a locked page raises WouldBlockError at once and nothing changes."""
+    disk.write(0, b"o" * 4096)
+    other = shmdisk.connect(disk.name, create=False)
+    fd = other._lock_fd()
+    _locks.lock(fd, _locks.WRLCK, 0, 1)
+    try:
+        other._wv[0] = other._wv[0] | 1  # a writer mid-copy: readers must not go lock-free
+        t0 = time.monotonic()
+        with pytest.raises(shmdisk.WouldBlockError):
+            disk.write(0, b"n" * 4096, wait=False)
+        with pytest.raises(shmdisk.WouldBlockError):
+            disk.read(0, bytearray(4096), wait=False)
+        with pytest.raises(BlockingIOError):
+            disk.write_at(10, b"n", wait=False)
+        assert time.monotonic() - t0 < 0.5
+        disk.write(8, b"p" * 512, wait=False)  # another page is free
+    finally:
+        other._wv[0] = shmdisk._pagemap.word_written(other._wv[0])  # type: ignore[attr-defined]
+        _locks.unlock(fd, 0, 1)
+        other.disconnect()
+    buf = bytearray(4096)
+    disk.read(0, buf, wait=False)
+    assert buf == b"o" * 4096

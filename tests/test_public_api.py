@@ -31,6 +31,7 @@ def test_all_is_pinned() -> None:
         "ShmdiskError",
         "UnimplementedError",
         "UnknownError",
+        "WouldBlockError",
         "__version__",
         "connect",
         "create",
