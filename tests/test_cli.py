@@ -286,6 +286,28 @@ def test_ls_lists_corrupt_and_half_made_segments_untouched(names: list[str]) -> 
     assert one["disk"]["state"] == "corrupt"
 
 
+def test_ls_and_info_describe_fifos_directories_and_symlinks_without_hanging() -> None:
+    """Non-files wearing our prefix are listed as corrupt, never opened (a FIFO would block)."""
+    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+    fifo, folder, link = (f"test-cli-{kind}-{tag}" for kind in ("fifo", "dir", "link"))
+    try:
+        os.mkfifo(shmdisk.segment_path(fifo), 0o600)
+        os.mkdir(shmdisk.segment_path(folder), 0o700)
+        os.symlink("/dev/null", shmdisk.segment_path(link))
+        r = run("ls", "-n", "-o", "NAME,STATE", fifo, folder, link, timeout=30)
+        one = json.loads(ok("info", "--json", fifo))
+    finally:
+        Path(shmdisk.segment_path(fifo)).unlink(missing_ok=True)
+        Path(shmdisk.segment_path(link)).unlink(missing_ok=True)
+        if os.path.isdir(shmdisk.segment_path(folder)):
+            os.rmdir(shmdisk.segment_path(folder))
+    assert r.returncode == 0, r.stderr.decode()
+    rows = [line.split(None, 1) for line in r.stdout.decode().splitlines()]
+    assert rows == [[n, "corrupt: not a regular file"] for n in (fifo, folder, link)]
+    assert one["disk"]["state"] == "corrupt" and one["disk"]["problem"] == "not a regular file"
+    assert one["disk"]["size_sectors"] is None
+
+
 def test_ls_named_missing_disk_fails_but_lists_the_rest(names: list[str]) -> None:
     """ls NAME... reports a missing name on stderr, exits 1 and still lists the others."""
     n = new(names)

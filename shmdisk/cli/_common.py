@@ -1,0 +1,133 @@
+"""What every subcommand shares: the error type, output (errors, tables, the ``--json``
+envelope), connecting without creating, and argument types."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from typing import IO, Any
+
+import shmdisk
+from shmdisk._units import parse_bytes
+
+#: Version of every ``--json`` document; bumped when a key changes meaning or disappears.
+JSON_VERSION = 1
+
+
+class CliError(Exception):
+    """A failure reported as one line on stderr with exit code 1."""
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+
+
+def print_json(doc: dict[str, Any], stream: IO[str] | None = None) -> None:
+    print(json.dumps({"version": JSON_VERSION, **doc}, indent=2), file=stream or sys.stdout)
+
+
+def table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[str], sep: str = " "
+) -> list[str]:
+    """Aligned columns like ``lsblk``: numbers right-aligned, the last column never padded."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+    lines = []
+    for row in [list(headers), *rows]:
+        cells = []
+        for i, cell in enumerate(row):
+            last = i == len(row) - 1
+            if headers[i] in right:
+                cells.append(cell.rjust(widths[i]))
+            else:
+                cells.append(cell if last else cell.ljust(widths[i]))
+        lines.append(sep.join(cells).rstrip())
+    return lines
+
+
+def can_draw_unicode() -> bool:
+    encoding = getattr(sys.stdout, "encoding", None) or ""
+    return encoding.lower().replace("-", "") in {"utf8", "utf16", "utf32"}
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as the text after ``error:``."""
+    if isinstance(exc, OSError) and not isinstance(exc, shmdisk.ShmdiskError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    text = str(exc)
+    return text or type(exc).__name__
+
+
+def error(prog: str, message: str) -> None:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------
+# Disks
+
+
+def disk_exists(name: str) -> bool:
+    # lexists: a dangling symlink with our prefix still takes the name.
+    return os.path.lexists(shmdisk.segment_path(name))
+
+
+@contextlib.contextmanager
+def connect(name: str, *, read_only: bool) -> Iterator[shmdisk.Disk]:
+    """Connect to an existing disk; never create one as a side effect of looking at it."""
+    try:
+        disk = shmdisk.connect(name, read_only=read_only, create=False)
+    except shmdisk.DiskNotFoundError:
+        raise CliError(f"no such disk: {name}") from None
+    try:
+        yield disk
+    finally:
+        disk.disconnect()
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments
+
+
+def subcommand(
+    sub: Any, name: str, help_text: str, epilog: str, description: str | None = None
+) -> argparse.ArgumentParser:
+    """A subparser whose description defaults to its help line and whose epilog keeps its
+    line breaks (the examples)."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=help_text,
+        description=description or help_text[:1].upper() + help_text[1:] + ".",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def sector_size_arg(text: str) -> int:
+    """``--sector-size``: bytes, with or without a unit ("4096" and "4K" both mean bytes)."""
+    try:
+        value, _ = parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    # Checked here too, so that `create x 1M --sector-size 1000` blames the sector size, not 1M.
+    if value < 512 or value > 65536 or value & (value - 1):
+        raise argparse.ArgumentTypeError(
+            f"invalid sector size {text!r}: a power of two from 512 to 64K"
+        )
+    return value
