@@ -239,7 +239,9 @@ def _write_request(disk: shmdisk.Disk, start: int, data: np.ndarray, rng: random
 # --------------------------------------------------------------------------- torture
 
 # Per-worker counters in shared memory, read by the parent for progress lines.
-_T_OPS, _T_READS, _T_WRITES, _T_TORN, _T_CORRUPT, _T_OOR, _T_RESIZES, _T_FIELDS = range(8)
+_T_OPS, _T_READS, _T_WRITES, _T_TORN, _T_CORRUPT, _T_OOR, _T_RESIZES, _T_WOULDBLOCK, _T_FIELDS = (
+    range(9)
+)
 
 
 def _torture_loop(
@@ -275,11 +277,26 @@ def _torture_loop(
                     for piece in split_views(memoryview(data.data), ss, rng):
                         disk.write(off, piece)
                         off += len(piece) // ss
+                elif rng.random() < 0.15:
+                    # wait=False: refused when the pages are busy, and then nothing is written.
+                    try:
+                        disk.write(start, data, wait=False)
+                    except shmdisk.WouldBlockError:
+                        c[_T_WOULDBLOCK] += 1
                 else:
                     _write_request(disk, start, data, rng)
                 c[_T_WRITES] += 1
             else:
-                buf = _read_request(disk, start, count, rng)
+                if rng.random() < 0.15:
+                    buf = bytearray(count * ss)
+                    try:
+                        disk.read(start, buf, wait=False)
+                    except shmdisk.WouldBlockError:
+                        c[_T_WOULDBLOCK] += 1
+                        c[_T_OPS] += 1
+                        continue
+                else:
+                    buf = _read_request(disk, start, count, rng)
                 v = stamp.check_read(buf, start, ss)
                 c[_T_READS] += 1
                 if v.torn:
@@ -519,6 +536,7 @@ def run_torture(opt: Options) -> Result:
         "reads": totals[_T_READS],
         "writes": totals[_T_WRITES],
         "torn_reads": totals[_T_TORN],
+        "wait_false_refused": totals[_T_WOULDBLOCK],
         "resizes": totals[_T_RESIZES],
         "out_of_range_after_shrink": totals[_T_OOR],
         "corrupt_reads": totals[_T_CORRUPT],
