@@ -59,3 +59,14 @@ def test_torture_blocks_resize() -> None:
     assert r.ok, r.problems
     assert r.figures["resizes"] > 0
     assert r.figures["torn_reads"] == 0 and r.figures["corrupt_reads"] == 0
+
+
+def test_torture_short_lived_threads() -> None:
+    """Hundreds of short-lived threads on shared handles: 0 torn, no descriptors pile up."""
+    r = stress.run_torture(
+        stress.Options(duration=1.5, processes=2, threads=2, churn=True, seed=14)
+    )
+    assert r.ok, r.problems
+    assert r.figures["short_lived_threads"] > 20
+    assert r.figures["torn_reads"] == 0 and r.figures["corrupt_reads"] == 0
+    assert r.figures["open_fds_added_per_process"] <= 3

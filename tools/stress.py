@@ -127,6 +127,7 @@ class Options:
     blocks: bool = False  # torture: whole-block writes, discards and zeroings (see _blocks_loop)
     resize: bool = False  # torture --blocks: also shrink to a block boundary and grow back
     discard: bool = True  # torture --blocks: discard and zero blocks (off: --no-discard)
+    churn: bool = False  # torture: short-lived threads one after another (see --churn)
     split_writes: bool = False  # torture self-test: non-atomic writes that must be caught
 
     def rng(self, salt: int = 0) -> random.Random:
@@ -257,8 +258,8 @@ def _torture_loop(
     window: int,
 ) -> None:
     """One thread's random I/O: stamped writes, and reads checked for tearing."""
-    c = [0] * _T_FIELDS
     base = slot * _T_FIELDS
+    c = [counters[base + i] for i in range(_T_FIELDS)]  # go on counting (thread churn)
     ss = disk.sector_size
     pps = disk.page_size // ss
     size = disk.get_info().size_sectors
@@ -445,21 +446,48 @@ def _torture_worker(
                         mix,
                     )
                     return
-                _torture_loop(
-                    disk,
-                    wid * threads + t + 1,
-                    random.Random(seed * 131 + t),
-                    stop_at,
-                    max_pages,
-                    split,
-                    counters,
-                    wid * threads + t,
-                    res["problems"],
-                    window,
-                )
+                if "c" not in mix:
+                    _torture_loop(
+                        disk,
+                        wid * threads + t + 1,
+                        random.Random(seed * 131 + t),
+                        stop_at,
+                        max_pages,
+                        split,
+                        counters,
+                        wid * threads + t,
+                        res["problems"],
+                        window,
+                    )
+                    return
+                # Thread churn: short-lived threads, one after another, on the shared handle;
+                # each ends after a moment, and its lock descriptor is closed when it does.
+                rng = random.Random(seed * 131 + t)
+                gen = 0
+                while time.monotonic() < stop_at:
+                    gen += 1
+                    th = threading.Thread(
+                        target=_torture_loop,
+                        args=(
+                            disk,
+                            (gen << 12) | (wid * threads + t + 1),
+                            random.Random(rng.randrange(1 << 30)),
+                            min(stop_at, time.monotonic() + rng.uniform(0.01, 0.1)),
+                            max_pages,
+                            split,
+                            counters,
+                            wid * threads + t,
+                            res["problems"],
+                            window,
+                        ),
+                    )
+                    th.start()
+                    th.join()
+                res["threads_started"] = res.get("threads_started", 0) + gen
             except BaseException:
                 errors.append(traceback.format_exc(limit=4))
 
+        fds0 = len(os.listdir("/proc/self/fd"))
         pool = [threading.Thread(target=run, args=(t,)) for t in range(1, threads)]
         for th in pool:
             th.start()
@@ -467,6 +495,7 @@ def _torture_worker(
         for th in pool:
             th.join()
         t_end = time.monotonic()
+        res["fd_growth"] = len(os.listdir("/proc/self/fd")) - fds0
         disk.disconnect()
     except BaseException:
         errors.append(traceback.format_exc(limit=4))
@@ -506,7 +535,9 @@ def run_torture(opt: Options) -> Result:
                     opt.threads,
                     window,
                     opt.blocks,
-                    ("d" if opt.discard else "") + ("r" if opt.resize else ""),
+                    ("d" if opt.discard else "")
+                    + ("r" if opt.resize else "")
+                    + ("c" if opt.churn else ""),
                     counters,
                     out,
                 ),
@@ -537,6 +568,8 @@ def run_torture(opt: Options) -> Result:
         "writes": totals[_T_WRITES],
         "torn_reads": totals[_T_TORN],
         "wait_false_refused": totals[_T_WOULDBLOCK],
+        "short_lived_threads": sum(res.get("threads_started", 0) for res in results),
+        "open_fds_added_per_process": max((res.get("fd_growth", 0) for res in results), default=0),
         "resizes": totals[_T_RESIZES],
         "out_of_range_after_shrink": totals[_T_OOR],
         "corrupt_reads": totals[_T_CORRUPT],
@@ -557,6 +590,8 @@ def run_torture(opt: Options) -> Result:
         r.fail(f"{len(stuck)} workers hung")
     if totals[_T_TORN] or totals[_T_CORRUPT]:
         r.fail(f"{totals[_T_TORN]} torn and {totals[_T_CORRUPT]} corrupt reads")
+    if r.figures["open_fds_added_per_process"] > opt.threads + 2:
+        r.fail(f"{r.figures['open_fds_added_per_process']} descriptors left open by threads")
     if opt.split_writes:
         # The checker's self-test: tearing was provoked on purpose and must have been seen.
         r.figures["self_test_split_writes"] = True
@@ -2307,6 +2342,12 @@ def main(argv: list[str] | None = None) -> int:
         help="torture --blocks: no discards or zeroings (to look at --resize alone)",
     )
     ap.add_argument(
+        "--churn",
+        action="store_true",
+        help="torture: each of --threads runs short-lived threads one after another on the "
+        "shared handle (a thread's lock descriptor is closed when it ends)",
+    )
+    ap.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -2378,6 +2419,7 @@ def main(argv: list[str] | None = None) -> int:
         blocks=args.blocks,
         resize=args.resize,
         discard=args.discard,
+        churn=args.churn,
         sector_size=args.sector_size,
     )
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
