@@ -24,6 +24,8 @@ def test_fill_private_tmpfs_until_enospc() -> None:
     assert f["disk_full_errors"] > 0
     assert f["failed_writes_left_data"] == 0 and f["blocks_kept_by_failed_writes"] == 0
     assert f["old_data_damaged"] == 0
+    assert f["write_zeroes_when_full"] == "DiskFullError"
+    assert f["failed_write_zeroes_changed_data"] == 0
     assert f["writes_into_mapped_pages_when_full"] > 0
     assert f["rewrites_after_discard"] > 0 and f["bytes_freed_by_discard"] > 0
     assert f["create_when_full"] == "DiskFullError"

@@ -1256,6 +1256,8 @@ def enospc_child(duration: float, seed: int) -> dict[str, Any]:
         "disk_full_errors": 0,
         "failed_writes_left_data": 0,
         "blocks_kept_by_failed_writes": 0,
+        "write_zeroes_when_full": None,
+        "failed_write_zeroes_changed_data": 0,
         "old_data_damaged": 0,
         "writes_into_mapped_pages_when_full": 0,
         "rewrites_after_discard": 0,
@@ -1335,6 +1337,25 @@ def enospc_child(duration: float, seed: int) -> dict[str, Any]:
                     fig["writes_into_mapped_pages_when_full"] += 1
                 except shmdisk.DiskFullError:
                     problems.append("a write into already mapped pages failed with ENOSPC")
+            # write_zeroes without unmapping needs memory for pages that have none: over
+            # written pages and on into fresh ones, it must fail whole, zeroing nothing.
+            if written:
+                s_last, start, count = max(written, key=lambda w: w[1])
+                end = -(-(start + count) // pps) * pps + 2 * pps
+                if end <= disk.get_info().size_sectors:
+                    try:
+                        disk.write_zeroes(start, end - start, may_unmap=False)
+                        fig["write_zeroes_when_full"] = "succeeded"
+                        _record(written, seq + 1, start, 0)  # forget what it zeroed
+                        written[:] = [w for w in written if w[2]]
+                    except shmdisk.DiskFullError:
+                        fig["write_zeroes_when_full"] = "DiskFullError"
+                        buf = bytearray(count * ss)
+                        disk.read(start, buf)
+                        if stamp.count_of(buf, ss, (writer, s_last, start, count)) != count:
+                            fig["failed_write_zeroes_changed_data"] += 1
+                            problems.append("a write_zeroes that failed with ENOSPC zeroed data")
+                            written[:] = [w for w in written if w[0] != s_last]  # counted once
             if fig["create_when_full"] is None:
                 other = unique_name("enospc-other")
                 try:
