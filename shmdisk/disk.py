@@ -570,9 +570,9 @@ class Disk:
             dv = self._dv
             if n == 1:
                 wv = self._wv
-                w = wv[p0]
+                w = wv[p0] if self._known[p0 >> _GROUP_SHIFT] else self._word(p0)
                 if w < _MAPPED:
-                    self._allocate(p0, 1)
+                    self._prepare(p0, np.array([w], dtype=np.uint32))
                 wv[p0] = w | 1  # odd: lock-free readers of this page retry or wait
                 try:
                     if len(views) == 1:
@@ -585,10 +585,10 @@ class Disk:
                 finally:
                     wv[p0] = (((w & _SEQ) | 1) + 1) & _SEQ | _MAPPED  # even, mapped
             else:
-                seg = self._words[p0 : p0 + n]
-                ws = seg.copy()
+                ws = self._snapshot(p0, p0 + n)
                 if int(ws.min()) < _MAPPED:
-                    self._allocate_runs(p0, ws)
+                    self._prepare(p0, ws)
+                seg = self._words[p0 : p0 + n]
                 seg[:] = _pagemap.writing(ws)
                 try:
                     for v in views:
@@ -634,19 +634,49 @@ class Disk:
             except OSError:
                 pass
 
-    def _allocate_runs(self, p0: int, ws: _pagemap.Words) -> None:
+    def _prepare(self, p0: int, ws: _pagemap.Words) -> None:
+        """Give memory to the pages of ``ws`` that have none, and to their page-map pages.
+
+        Called before anything is stored: on a full tmpfs a store into a page without memory
+        (data or page map alike) is SIGBUS, while this raises DiskFullError and gives back
+        what it took, so the failed call leaves nothing behind.
+        """
         done: list[tuple[int, int]] = []
         try:
             for a, b, mapped in _pagemap.runs(ws):
                 if not mapped:
                     self._allocate(p0 + a, b - a)
                     done.append((p0 + a, b - a))
+            self._allocate_map(p0, p0 + len(ws))
         except DiskFullError:
             assert self._data is not None
             shift = self._shift
             for page, n in done:
                 self._data.madvise(mmap.MADV_REMOVE, page << shift, n << shift)
             raise
+
+    def _allocate_map(self, p0: int, p1: int) -> None:
+        """Allocate the page-map pages holding the words of pages ``[p0, p1)``."""
+        known = self._known
+        for g in range(p0 >> _GROUP_SHIFT, ((p1 - 1) >> _GROUP_SHIFT) + 1):
+            if known[g]:
+                continue
+            try:
+                os.posix_fallocate(self._fd, L.MAP_OFFSET + (g << _GROUP_BYTES_SHIFT), 4096)
+            except OSError as e:
+                if e.errno == 28:
+                    raise DiskFullError(
+                        f"disk {self.name!r}: no space left in {_segment.SHM_DIR}; "
+                        "nothing was written"
+                    ) from None
+                raise UnknownError(f"disk {self.name!r}: allocation failed: {e}") from None
+            known[g] = 1
+
+    def _word(self, p: int) -> int:
+        """Page ``p``'s map word, without touching (and so allocating) a page-map hole."""
+        if self._known[p >> _GROUP_SHIFT]:
+            return int(self._wv[p])
+        return int(self._snapshot(p, p + 1)[0])
 
     def _require_writable(self) -> memoryview:
         hq = self._header()
@@ -680,51 +710,75 @@ class Disk:
         try:
             hq = self._header(locked=True)
             self._check_range(hq, a, b - a)
-            size_bytes = hq[_F_SIZE] * ss
+            if not unmap:
+                # Zero in place, pages kept: allocate first, so on a full tmpfs the call fails
+                # before it has zeroed anything.
+                ws = self._snapshot(p0, p1)
+                if int(ws.min()) < _MAPPED:
+                    self._prepare(p0, ws)
+                seg = self._words[p0:p1]
+                seg[:] = _pagemap.writing(ws)
+                try:
+                    self._dn[a:b] = 0
+                finally:
+                    seg[:] = _pagemap.written(ws)
+                return
             # Bytes past the end of the disk are always zero, so a range that reaches the end
             # covers its last page whole.
             full_lo = -(-a // page)
-            full_hi = p1 if b == size_bytes else b >> shift
-            if not unmap:
-                full_lo = full_hi = p1  # no whole-page release: zero every page in place
-            for p in range(p0, p1):
-                if full_lo <= p < full_hi:
-                    continue
-                self._zero_in_page(p, max(a, p << shift), min(b, (p + 1) << shift), unmap)
-            if full_lo < full_hi:
-                self._unmap_pages(full_lo, full_hi)
+            full_hi = p1 if b == hq[_F_SIZE] * ss else b >> shift
+            if full_lo >= full_hi:  # no whole page: one or two partly covered pages
+                parts = [(p, max(a, p << shift), min(b, (p + 1) << shift)) for p in range(p0, p1)]
+                self._zero_and_drop(parts, p1, p1)
+            else:
+                parts = []
+                if p0 < full_lo:
+                    parts.append((p0, a, full_lo << shift))
+                if full_hi < p1:
+                    parts.append((full_hi, full_hi << shift, b))
+                self._zero_and_drop(parts, full_lo, full_hi)
         finally:
             _unlock(fd, p0, p1 - p0)
 
-    def _zero_in_page(self, p: int, lo: int, hi: int, unmap: bool) -> None:
-        wv = self._wv
-        w = wv[p]
-        if w < _MAPPED:
-            if unmap:
-                return  # already zero
-            self._allocate(p, 1)
-        wv[p] = w | 1
-        self._dn[lo:hi] = 0
-        wv[p] = _word_written(w)
+    def _zero_and_drop(self, parts: list[tuple[int, int, int]], lo: int, hi: int) -> None:
+        """Zero byte ranges ``(page, start, end)`` in place and drop whole pages ``[lo, hi)``.
 
-    def _unmap_pages(self, lo: int, hi: int) -> None:
-        """Drop pages ``[lo, hi)`` (caller holds them exclusively): zero and memory freed."""
+        The caller holds all these pages exclusively. For lock-free readers it must look like
+        one step: every page that will change is made odd before any of them changes, and
+        made even only when all are done. (Page by page, a reader could find the first pages
+        already zeroed and the later ones not yet, each with an even, unchanged word.)
+        """
         assert self._data is not None
-        shift = self._shift
+        wv, words, shift = self._wv, self._words, self._shift
+        # Partly covered pages that hold data (the others are zero already) ...
+        edits = [(p, x, y, w) for p, x, y in parts if (w := self._word(p)) >= _MAPPED]
+        # ... and the runs of whole pages that hold data (the page map's holes are skipped).
+        runs = []
         p = lo
         while p < hi:
-            p = _pagemap.scan(self._fd, self._words, p, hi, True)
+            p = _pagemap.scan(self._fd, words, p, hi, True)
             if p >= hi:
                 break
-            q = _pagemap.scan(self._fd, self._words, p, hi, False)
-            seg = self._words[p:q]
-            ws = seg.copy()
-            seg[:] = _pagemap.writing(ws)
-            # Clear the mapped flag before punching: a crash in between leaves an allocated
-            # page marked unmapped (harmless), never a hole marked mapped.
-            self._data.madvise(mmap.MADV_REMOVE, p << shift, (q - p) << shift)
-            seg[:] = _pagemap.discarded(ws)
+            q = _pagemap.scan(self._fd, words, p, hi, False)
+            runs.append((p, q))
             p = q
+        for p, _, _, w in edits:
+            wv[p] = w | 1
+        for p, q in runs:
+            seg = words[p:q]
+            # Odd and no longer mapped, in one store per word. Unmapped before the punch: a
+            # crash in between leaves an allocated page marked unmapped (harmless), never a
+            # hole marked mapped (a store into it could SIGBUS on a full tmpfs).
+            seg[:] = (seg & np.uint32(L.SEQ_MASK)) | np.uint32(1)
+        for _, x, y, _ in edits:
+            self._dn[x:y] = 0
+        for p, q in runs:
+            self._data.madvise(mmap.MADV_REMOVE, p << shift, (q - p) << shift)
+        for p, q in runs:
+            seg = words[p:q]
+            seg[:] = _pagemap.discarded(seg)
+        for p, _, _, w in edits:
+            wv[p] = _word_written(w)
 
     def resize(self, size_sectors: int) -> None:
         """Grow (with zeros) or shrink (dropping the tail for good); every process sees it."""
@@ -746,10 +800,11 @@ class Disk:
             old_bytes, new_bytes = hq[_F_SIZE] * ss, n * ss
             shift, page = self._shift, self.page_size
             if new_bytes < old_bytes:
+                parts = []
                 if new_bytes % page:
                     p = new_bytes >> shift
-                    self._zero_in_page(p, new_bytes, min(self._cap, (p + 1) << shift), True)
-                self._unmap_pages(-(-new_bytes // page), -(-old_bytes // page))
+                    parts.append((p, new_bytes, min(self._cap, (p + 1) << shift)))
+                self._zero_and_drop(parts, -(-new_bytes // page), -(-old_bytes // page))
             elif new_bytes > self._cap:
                 cap = min(self._max_pages * page, max(L.align_up(new_bytes, page), 2 * self._cap))
                 try:
