@@ -35,8 +35,9 @@ from shmdisk.errors import WouldBlockError
 if TYPE_CHECKING:
     from collections.abc import Callable
     from types import TracebackType
+    from typing import Self
 
-    from typing_extensions import Buffer, Self
+    from typing_extensions import Buffer
 
     from shmdisk import Disk, DiskInfo, Extent, SegmentInfo
 

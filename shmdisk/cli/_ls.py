@@ -57,7 +57,7 @@ def _short_time(ns: int | None, now: float | None = None) -> str:
 def _iso_time(ns: int | None) -> str | None:
     if ns is None:
         return None
-    when = _dt.datetime.fromtimestamp(ns / 1e9, tz=_dt.timezone.utc)
+    when = _dt.datetime.fromtimestamp(ns / 1e9, tz=_dt.UTC)
     return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
