@@ -2129,6 +2129,7 @@ def run_hostile(opt: Options) -> Result:
         "forged_segments": seg["figures"]["segments"],
         "forged_entry_point_calls": seg["figures"]["entry_point_calls"],
         "forged_typed_errors": seg["figures"]["typed_errors"],
+        "forged_disturbed_by_other_processes": seg["figures"]["disturbed_by_other_processes"],
         "crashes": seg["figures"]["crashes"],
         "hangs": seg["figures"]["hangs"],
         "seed": seed,
