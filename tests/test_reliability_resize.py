@@ -40,6 +40,7 @@ def test_resize_and_destroy_under_load() -> None:
     assert f["destroys"] > 0 and f["grows"] + f["shrinks"] > 0
     assert f["destroyed_handle_ops_wrong"] == 0
     assert f["corrupt_sectors_seen"] == 0 and f["stale_data_seen"] == 0
+    assert f["disconnect_races"] > 0 and f["disconnect_race_untyped_errors"] == 0
 
 
 @pytest.mark.parametrize("op", sorted(OPS))

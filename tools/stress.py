@@ -1155,6 +1155,69 @@ def _destroyer(
         counts[1] += 1
 
 
+_D_ROUNDS, _D_OK, _D_DISC, _D_UNTYPED, _D_HANGS, _D_FIELDS = range(6)
+
+
+def _disconnector(seed: int, stop_at: float, counts: Any, errors: Any) -> None:
+    """Threads do I/O on one handle while the main thread disconnects it under them.
+
+    A call racing ``disconnect`` must complete or raise ``DisconnectedError``; anything else
+    (a closed descriptor, an unmapped view) is a broken promise. Uses a disk of its own.
+    """
+    rng = random.Random(seed)
+    name = unique_name("disc")
+    base = shmdisk.create(name, 4096)
+    seen: set[str] = set()
+    try:
+        base.write(0, os.urandom(4096 * 512))
+        while time.monotonic() < stop_at:
+            d = shmdisk.connect(name, create=False)
+            stop = threading.Event()
+
+            def io(seed: int, d: shmdisk.Disk = d, stop: threading.Event = stop) -> None:
+                trng = random.Random(seed)
+                buf = bytearray(64 * 512)
+                while not stop.is_set():
+                    s = trng.randrange(0, 4096 - 64)
+                    op = trng.random()
+                    try:
+                        if op < 0.4:
+                            d.read(s, buf)
+                        elif op < 0.8:
+                            d.write(s, buf)
+                        elif op < 0.9:
+                            d.discard(s, 64)
+                        else:
+                            d.extents(s, s + 64)
+                        counts[_D_OK] += 1
+                    except shmdisk.DisconnectedError:
+                        counts[_D_DISC] += 1
+                        return
+                    except Exception as e:
+                        counts[_D_UNTYPED] += 1
+                        msg = f"{type(e).__name__}: {e}"[:120]
+                        if msg not in seen and len(seen) < 5:
+                            seen.add(msg)
+                            errors.put(msg)
+                        return
+
+            threads = [
+                threading.Thread(target=io, args=(rng.randrange(1 << 30),)) for _ in range(3)
+            ]
+            for t in threads:
+                t.start()
+            time.sleep(rng.random() * 0.01)
+            d.disconnect()
+            stop.set()
+            for t in threads:
+                t.join(10)
+                counts[_D_HANGS] += t.is_alive()
+            counts[_D_ROUNDS] += 1
+    finally:
+        base.disconnect()
+        shmdisk.destroy(name)
+
+
 def run_resize_destroy(opt: Options) -> Result:
     """Resize and destroy/re-create under I/O: no signal deaths, typed errors only."""
     r = Result("resize-destroy")
@@ -1178,6 +1241,13 @@ def run_resize_destroy(opt: Options) -> Result:
     procs.append(
         _SPAWN.Process(
             target=_resizer, args=(name, rng.randrange(1 << 30), stop_at, lo, hi, rcounts)
+        )
+    )
+    discounts = _SPAWN.Array(ctypes.c_int64, _D_FIELDS, lock=False)
+    diserrors = _SPAWN.Queue()
+    procs.append(
+        _SPAWN.Process(
+            target=_disconnector, args=(rng.randrange(1 << 30), stop_at, discounts, diserrors)
         )
     )
     procs.append(
@@ -1221,6 +1291,10 @@ def run_resize_destroy(opt: Options) -> Result:
         "untyped_errors": tot(_R_UNTYPED) + rcounts[3],
         "corrupt_sectors_seen": tot(_R_CORRUPT),
         "stale_data_seen": tot(_R_STALE),
+        "disconnect_races": discounts[_D_ROUNDS],
+        "disconnect_race_calls_ok": discounts[_D_OK],
+        "disconnect_race_calls_disconnected": discounts[_D_DISC],
+        "disconnect_race_untyped_errors": discounts[_D_UNTYPED],
         "signal_deaths": sum(1 for p in procs if (p.exitcode or 0) < 0 and p not in stuck),
         "hangs": len(stuck),
     }
@@ -1231,6 +1305,15 @@ def run_resize_destroy(opt: Options) -> Result:
             r.fail(f"process {p.name} ended with {how}")
     if stuck:
         r.fail(f"{len(stuck)} processes hung")
+    if discounts[_D_UNTYPED] or discounts[_D_HANGS]:
+        msgs: list[str] = []
+        with contextlib.suppress(Exception):
+            while len(msgs) < 5:
+                msgs.append(diserrors.get(timeout=0.2))
+        r.fail(
+            f"{discounts[_D_UNTYPED]} calls racing disconnect() raised untyped errors, "
+            f"{discounts[_D_HANGS]} hung: {msgs}"
+        )
     if tot(_R_UNTYPED) + rcounts[3]:
         r.fail(f"{tot(_R_UNTYPED) + rcounts[3]} operations raised an untyped error")
     if dcounts[2]:
