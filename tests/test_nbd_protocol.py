@@ -838,3 +838,19 @@ def test_destroyed_and_recreated_disk_is_served_again(sockdir: str) -> None:
                 old.close()
     finally:
         shmdisk.destroy(name)
+
+
+def test_half_closed_client_still_gets_every_reply(client: Client) -> None:
+    """Requests sent just before the client shuts its sending side all get their replies."""
+    client.start()
+    burst = b"".join(
+        P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, i, i * 512, 512) + bytes([i]) * 512
+        for i in range(1, 11)
+    )
+    burst += P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, 99, 512, 1024)
+    client.sock.sendall(burst)
+    client.sock.shutdown(socket.SHUT_WR)
+    for i in range(1, 11):
+        assert client.simple(i) == (0, b"")
+    assert client.simple(99, 1024) == (0, b"\x01" * 512 + b"\x02" * 512)
+    assert client.closed_by_server()
