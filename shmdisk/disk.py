@@ -7,13 +7,14 @@ nothing.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import mmap
 import operator
 import os
 import threading
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
@@ -68,28 +69,35 @@ _GROUP_BYTES_SHIFT = 12
 _GROUP_SHIFT = _GROUP_BYTES_SHIFT - 2
 
 
-class _FdCloser:
-    """Closes a thread's lock descriptor when the thread's local storage goes away.
+class _ThreadLock:
+    """One thread's lock descriptor on a disk, and whether that thread is inside a call.
 
-    The descriptor is closed only if it is still registered, under the same lock that
-    ``disconnect`` uses to close them all, so each descriptor is closed exactly once and a
-    number reused by someone else afterwards is never closed by mistake.
+    OFD locks exclude per open file description, so every thread gets its own descriptor.
+    ``busy`` lets ``disconnect`` (from any thread) leave alone a descriptor whose thread may
+    hold a lock right now: closing it would drop that lock mid-copy, and the thread's unlock
+    would then hit a closed or reused descriptor number. The thread closes it itself when it
+    leaves its call. Dropped with the thread's local storage when the thread ends, which
+    closes the descriptor, so short-lived threads do not pile descriptors up.
     """
 
-    __slots__ = ("fd", "lock", "registry")
+    __slots__ = ("__weakref__", "busy", "fd", "fds", "guard")
 
-    def __init__(self, fd: int, registry: set[int], lock: threading.Lock) -> None:
-        self.fd, self.registry, self.lock = fd, registry, lock
+    def __init__(self, fd: int, fds: set[int] | None, guard: threading.RLock) -> None:
+        self.fd, self.fds, self.guard, self.busy = fd, fds, guard, False
+
+    def close(self) -> None:
+        """Close the descriptor once (caller holds ``guard``): only while it is registered."""
+        if self.fds is not None and self.fd in self.fds:
+            self.fds.discard(self.fd)
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
 
     def __del__(self) -> None:
-        with self.lock:
-            if self.fd not in self.registry:
-                return
-            self.registry.discard(self.fd)
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
+        if self.fds is not None:  # None: orphaned by a fork, the child closed it already
+            with self.guard:
+                self.close()
 
 
 @dataclass(frozen=True)
@@ -163,8 +171,9 @@ class Disk:
         self._shift = h.page_size.bit_length() - 1
         self._max_pages = h.max_pages
         self._data_offset = h.data_offset
-        self._fds_lock = threading.Lock()
+        self._fds_lock = threading.RLock()  # RLock: a _ThreadLock may be collected under it
         self._lock_fds: set[int] = set()
+        self._thread_locks: weakref.WeakSet[_ThreadLock] = weakref.WeakSet()
         self._tls = threading.local()
         self._page_structs: dict[int, tuple[bytes, bytes]] = {}
         self._fd = opened.fd
@@ -221,19 +230,22 @@ class Disk:
     def _forget_inherited_locks(self) -> None:
         # The child shares the parent's open file descriptions, hence its locks: closing our
         # copies releases nothing of the parent's, and new ones give the child its own locks.
+        for lk in list(self._thread_locks):
+            lk.fds = None  # its guard may be held by a parent thread that does not exist here
         for fd in self._lock_fds:
             try:
                 os.close(fd)
             except OSError:
                 pass
         self._lock_fds = set()
+        self._thread_locks = weakref.WeakSet()
         self._tls = threading.local()
-        self._fds_lock = threading.Lock()
+        self._fds_lock = threading.RLock()
 
-    def _lock_fd(self) -> int:
-        """This thread's lock descriptor (OFD locks exclude per open file, not per thread)."""
+    def _thread_lock(self) -> _ThreadLock:
+        """This thread's lock descriptor, opened on its first call."""
         try:
-            return self._tls.fd  # type: ignore[no-any-return]
+            return self._tls.lk  # type: ignore[no-any-return]
         except AttributeError:
             pass
         with self._fds_lock:
@@ -241,27 +253,51 @@ class Disk:
                 raise DisconnectedError(f"disk {self.name!r} is disconnected")
             fd = _locks.reopen(self._fd, not self.read_only)
             self._lock_fds.add(fd)
-        self._tls.fd = fd
-        # Closed when this thread ends (its thread-local storage is dropped), so short-lived
-        # threads do not pile up descriptors on a long-lived handle.
-        self._tls.closer = _FdCloser(fd, self._lock_fds, self._fds_lock)
-        return fd
+            lk = _ThreadLock(fd, self._lock_fds, self._fds_lock)
+            self._thread_locks.add(lk)
+        self._tls.lk = lk
+        return lk
+
+    def _lock_fd(self) -> int:
+        return self._thread_lock().fd
+
+    def _enter(self) -> _ThreadLock:
+        """Mark this thread inside a call that uses descriptors (see ``_ThreadLock``)."""
+        try:
+            lk = self._tls.lk
+        except AttributeError:
+            lk = self._thread_lock()
+        lk.busy = True
+        if self._hq is None:  # checked after marking: disconnect marks, then looks
+            self._leave(lk)
+            raise DisconnectedError(f"disk {self.name!r} is disconnected")
+        return lk  # type: ignore[no-any-return]
+
+    def _leave(self, lk: _ThreadLock) -> None:
+        lk.busy = False
+        if self._hq is None:
+            # Disconnected meanwhile: close our descriptor, and if no other thread is inside
+            # a call any more, release everything else too.
+            with self._fds_lock:
+                lk.close()
+                self._release_if_idle()
+
+    @contextlib.contextmanager
+    def _call(self) -> Iterator[_ThreadLock]:
+        lk = self._enter()
+        try:
+            yield lk
+        finally:
+            self._leave(lk)
 
     # ----------------------------------------------------------------- checks
 
-    def _header(self, locked: bool = False) -> memoryview:
-        """The live header, after checking that the handle and the disk still exist.
-
-        ``locked``: the caller holds a lock through one of our descriptors, so a destroyed disk
-        must not disconnect now (closing that descriptor would turn the caller's unlock into
-        EBADF, or into an unlock of whatever file reused the number); the next call does it.
-        """
+    def _header(self) -> memoryview:
+        """The live header, after checking that the handle and the disk still exist."""
         hq = self._hq
         if hq is None:
             raise DisconnectedError(f"disk {self.name!r} is disconnected")
         if hq[_F_GONE]:
-            if locked:
-                raise DisconnectedError(f"disk {self.name!r} was destroyed")
             self._gone()
         return hq
 
@@ -428,63 +464,95 @@ class Disk:
         p0 = off >> shift
         p1 = ((end - 1) >> shift) + 1
         if _LOCK_FREE:
-            # Seqlock read (see _locks.py): copy, then check that no writer touched the pages.
-            for _ in range(_TRIES):
+            try:
                 if p1 - p0 == 1 and len(views) == 1 and self._known[p0 >> _GROUP_SHIFT]:
+                    # One page, one buffer: the commonest read, written out here.
                     wv = self._wv
                     w = wv[p0]
-                    if w & 1:
-                        break
-                    if w >= _MAPPED:
-                        views[0][:] = self._dv[off:end]
-                    else:
-                        _zero(views[0])
-                    if wv[p0] == w:
-                        return
-                elif 0 not in self._known[p0 >> _GROUP_SHIFT : ((p1 - 1) >> _GROUP_SHIFT) + 1]:
-                    # The words as bytes: one memcpy to take, one memcmp to check again.
-                    meta = self._meta
-                    assert meta is not None
-                    a, b = L.MAP_OFFSET + 4 * p0, L.MAP_OFFSET + 4 * p1
-                    before = meta[a:b]
-                    ws = np.frombuffer(before, dtype=np.uint32)
-                    # All mapped and all even, in one reduction: bit 31 set and (after ^1)
-                    # bit 0 set in every word.
-                    if int(np.bitwise_and.reduce(ws ^ np.uint32(1))) & _MAPPED_ODD == _MAPPED_ODD:
-                        for v in views:
-                            k = len(v)
-                            v[:] = self._dv[off : off + k]
-                            off += k
-                        off -= total
-                    elif int(np.bitwise_or.reduce(ws)) & 1:
-                        break  # a writer is in there: wait for it on the lock
-                    else:
-                        self._copy_out(off, views, ws)
-                    if meta[a:b] == before:
-                        return
-                else:
-                    ws = self._snapshot(p0, p1)
-                    if (ws & 1).any():
-                        break
-                    self._copy_out(off, views, ws)
-                    if np.array_equal(ws, self._snapshot(p0, p1)):
-                        return
+                    if not w & 1:
+                        if w >= _MAPPED:
+                            views[0][:] = self._dv[off:end]
+                        else:
+                            _zero(views[0])
+                        if wv[p0] == w:
+                            return
+                if self._read_lock_free(off, views, total, p0, p1):
+                    return
+            except (AssertionError, AttributeError, IndexError, TypeError, ValueError, OSError):
+                # A disconnect from another thread took the mapping away mid-call.
+                if self._hq is None:
+                    raise DisconnectedError(f"disk {self.name!r} is disconnected") from None
+                raise
+        lk = self._enter()
+        try:
+            fd = lk.fd
+            if wait:
+                _fcntl(fd, _SETLKW, _pack(_RD, 0, p0, p1 - p0, 0))
+            else:
+                self._lock_now(fd, _RD, p0, p1 - p0)
+            try:
                 hq = self._header()
                 self._check_range(hq, off, total)
-        try:
-            fd = self._tls.fd
-        except AttributeError:
-            fd = self._lock_fd()
-        if wait:
-            _fcntl(fd, _SETLKW, _pack(_RD, 0, p0, p1 - p0, 0))
-        else:
-            self._lock_now(fd, _RD, p0, p1 - p0)
-        try:
-            hq = self._header(locked=True)
-            self._check_range(hq, off, total)
-            self._copy_out(off, views, self._snapshot(p0, p1))
+                self._copy_out(off, views, self._snapshot(p0, p1))
+            finally:
+                _fcntl(fd, _SETLKW, _pack(_UN, 0, p0, p1 - p0, 0))
         finally:
-            _fcntl(fd, _SETLKW, _pack(_UN, 0, p0, p1 - p0, 0))
+            self._leave(lk)
+
+    def _read_lock_free(
+        self, off: int, views: Sequence[memoryview], total: int, p0: int, p1: int
+    ) -> bool:
+        """Seqlock read (see _locks.py): copy, then check that no writer touched the pages.
+
+        True when done; False when a writer was seen twice or is still at work, so the
+        caller waits for it on the shared lock.
+        """
+        end = off + total
+        for _ in range(_TRIES):
+            if p1 - p0 == 1 and len(views) == 1 and self._known[p0 >> _GROUP_SHIFT]:
+                wv = self._wv
+                w = wv[p0]
+                if w & 1:
+                    return False
+                if w >= _MAPPED:
+                    views[0][:] = self._dv[off:end]
+                else:
+                    _zero(views[0])
+                if wv[p0] == w:
+                    return True
+            elif 0 not in self._known[p0 >> _GROUP_SHIFT : ((p1 - 1) >> _GROUP_SHIFT) + 1]:
+                # The words as bytes: one memcpy to take, one memcmp to check again.
+                meta = self._meta
+                assert meta is not None
+                a, b = L.MAP_OFFSET + 4 * p0, L.MAP_OFFSET + 4 * p1
+                before = meta[a:b]
+                ws = np.frombuffer(before, dtype=np.uint32)
+                # All mapped and all even, in one reduction: bit 31 set and (after ^1)
+                # bit 0 set in every word.
+                if int(np.bitwise_and.reduce(ws ^ np.uint32(1))) & _MAPPED_ODD == _MAPPED_ODD:
+                    for v in views:
+                        k = len(v)
+                        v[:] = self._dv[off : off + k]
+                        off += k
+                    off -= total
+                elif int(np.bitwise_or.reduce(ws)) & 1:
+                    return False  # a writer is in there: wait for it on the lock
+                else:
+                    self._copy_out(off, views, ws)
+                if meta[a:b] == before:
+                    return True
+            else:
+                ws = self._snapshot(p0, p1)
+                if (ws & 1).any():
+                    return False
+                self._copy_out(off, views, ws)
+                if np.array_equal(ws, self._snapshot(p0, p1)):
+                    if self._hq is None:  # its descriptor may have gone mid-snapshot
+                        raise DisconnectedError(f"disk {self.name!r} is disconnected")
+                    return True
+            hq = self._header()
+            self._check_range(hq, off, total)
+        return False
 
     def _snapshot(self, p0: int, p1: int) -> _pagemap.Words:
         """A copy of the page-map words of pages ``[p0, p1)``, read without allocating.
@@ -549,78 +617,85 @@ class Disk:
             off = vend
 
     def _write(self, off: int, views: Sequence[memoryview], total: int, wait: bool = True) -> None:
-        hq = self._hq
-        if hq is None:
-            raise DisconnectedError(f"disk {self.name!r} is disconnected")
-        end = off + total
-        if hq[_F_GONE]:
-            self._gone()
-        ss = self.sector_size
-        if off < 0 or end > hq[_F_SIZE] * ss:
-            self._check_range(hq, off, total)  # raises
-        if total == 0:
-            return
-        shift = self._shift
-        p0 = off >> shift
-        n = ((end - 1) >> shift) + 1 - p0
         try:
-            fd = self._tls.fd
+            lk = self._tls.lk
         except AttributeError:
-            fd = self._lock_fd()
-        if n == 1:
-            # Packing two flock structs is about 0.25 us of a ~3.5 us 4 KiB write: keep the
-            # ones of recently written pages (bounded; cleared when full).
-            structs = self._page_structs.get(p0)
-            if structs is None:
-                if len(self._page_structs) >= _STRUCT_CACHE:
-                    self._page_structs.clear()
-                structs = self._page_structs[p0] = (
-                    _pack(_WR, 0, p0, 1, 0),
-                    _pack(_UN, 0, p0, 1, 0),
-                )
-            lock_s, unlock_s = structs
-        else:
-            lock_s, unlock_s = _pack(_WR, 0, p0, n, 0), _pack(_UN, 0, p0, n, 0)
-        if wait:
-            _fcntl(fd, _SETLKW, lock_s)
-        else:
-            self._lock_now(fd, _WR, p0, n)
+            lk = self._thread_lock()
+        lk.busy = True  # before the check below: disconnect marks closed, then looks
         try:
-            # Again under the lock: a resize or destroy may have come in between.
-            if hq[_F_GONE] or end > hq[_F_SIZE] * ss or end > self._cap:
-                self._check_range(self._header(locked=True), off, total)
-            dv = self._dv
+            hq = self._hq
+            if hq is None:
+                raise DisconnectedError(f"disk {self.name!r} is disconnected")
+            end = off + total
+            if hq[_F_GONE]:
+                self._gone()
+            ss = self.sector_size
+            if off < 0 or end > hq[_F_SIZE] * ss:
+                self._check_range(hq, off, total)  # raises
+            if total == 0:
+                return
+            shift = self._shift
+            p0 = off >> shift
+            n = ((end - 1) >> shift) + 1 - p0
             if n == 1:
-                wv = self._wv
-                w = wv[p0] if self._known[p0 >> _GROUP_SHIFT] else self._word(p0)
-                if w < _MAPPED:
-                    self._prepare(p0, np.array([w], dtype=np.uint32))
-                wv[p0] = w | 1  # odd: lock-free readers of this page retry or wait
-                try:
-                    if len(views) == 1:
-                        dv[off:end] = views[0]
-                    else:
+                # Packing two flock structs is about 0.25 us of a ~3.5 us 4 KiB write: keep
+                # the ones of recently written pages (bounded; cleared when full).
+                structs = self._page_structs.get(p0)
+                if structs is None:
+                    if len(self._page_structs) >= _STRUCT_CACHE:
+                        self._page_structs.clear()
+                    structs = self._page_structs[p0] = (
+                        _pack(_WR, 0, p0, 1, 0),
+                        _pack(_UN, 0, p0, 1, 0),
+                    )
+                lock_s, unlock_s = structs
+            else:
+                lock_s, unlock_s = _pack(_WR, 0, p0, n, 0), _pack(_UN, 0, p0, n, 0)
+            fd = lk.fd
+            if wait:
+                _fcntl(fd, _SETLKW, lock_s)
+            else:
+                self._lock_now(fd, _WR, p0, n)
+            try:
+                # Again under the lock: a resize or destroy may have come in between.
+                if hq[_F_GONE] or end > hq[_F_SIZE] * ss or end > self._cap:
+                    self._check_range(self._header(), off, total)
+                dv = self._dv
+                if n == 1:
+                    wv = self._wv
+                    w = wv[p0] if self._known[p0 >> _GROUP_SHIFT] else self._word(p0)
+                    if w < _MAPPED:
+                        self._prepare(p0, np.array([w], dtype=np.uint32))
+                    wv[p0] = w | 1  # odd: lock-free readers of this page retry or wait
+                    try:
+                        if len(views) == 1:
+                            dv[off:end] = views[0]
+                        else:
+                            for v in views:
+                                k = len(v)
+                                dv[off : off + k] = v
+                                off += k
+                    finally:
+                        wv[p0] = (((w & _SEQ) | 1) + 1) & _SEQ | _MAPPED  # even, mapped
+                else:
+                    ws = self._snapshot(p0, p0 + n)
+                    if int(ws.min()) < _MAPPED:
+                        self._prepare(p0, ws)
+                    seg = self._words[p0 : p0 + n]
+                    seg[:] = _pagemap.writing(ws)
+                    try:
                         for v in views:
                             k = len(v)
                             dv[off : off + k] = v
                             off += k
-                finally:
-                    wv[p0] = (((w & _SEQ) | 1) + 1) & _SEQ | _MAPPED  # even, mapped
-            else:
-                ws = self._snapshot(p0, p0 + n)
-                if int(ws.min()) < _MAPPED:
-                    self._prepare(p0, ws)
-                seg = self._words[p0 : p0 + n]
-                seg[:] = _pagemap.writing(ws)
-                try:
-                    for v in views:
-                        k = len(v)
-                        dv[off : off + k] = v
-                        off += k
-                finally:
-                    seg[:] = _pagemap.written(ws)
+                    finally:
+                        seg[:] = _pagemap.written(ws)
+            finally:
+                _fcntl(fd, _SETLKW, unlock_s)
         finally:
-            _fcntl(fd, _SETLKW, unlock_s)
+            lk.busy = False
+            if self._hq is None:
+                self._leave(lk)
 
     def _lock_now(self, fd: int, kind: int, start: int, length: int) -> None:
         if not _locks.try_lock(fd, kind, start, length):
@@ -725,12 +800,15 @@ class Disk:
         if n == 0:
             return
         a, b = s * ss, (s + n) * ss
-        shift, page = self._shift, self.page_size
-        p0, p1 = a >> shift, ((b - 1) >> shift) + 1
-        fd = self._lock_fd()
+        p0, p1 = a >> self._shift, ((b - 1) >> self._shift) + 1
+        with self._call() as lk:
+            self._zero_range_locked(lk.fd, a, b, p0, p1, unmap)
+
+    def _zero_range_locked(self, fd: int, a: int, b: int, p0: int, p1: int, unmap: bool) -> None:
+        ss, shift, page = self.sector_size, self._shift, self.page_size
         _lock(fd, _WR, p0, p1 - p0)
         try:
-            hq = self._header(locked=True)
+            hq = self._header()
             self._check_range(hq, a, b - a)
             if not unmap:
                 # Zero in place, pages kept: allocate first, so on a full tmpfs the call fails
@@ -813,10 +891,14 @@ class Disk:
                 f"size {n} is outside [0, {limit}] sectors, the limit set when disk "
                 f"{self.name!r} was created (see create(max_size_sectors=...))"
             )
-        fd = self._lock_fd()
+        with self._call() as lk:
+            self._resize_locked(lk.fd, n)
+
+    def _resize_locked(self, fd: int, n: int) -> None:
+        ss = self.sector_size
         _lock(fd, _WR, _locks.WHOLE_START, _locks.WHOLE_LEN)
         try:
-            hq = self._header(locked=True)
+            hq = self._header()
             if hq[_F_CAP] > self._cap:
                 self._map_data()
             old_bytes, new_bytes = hq[_F_SIZE] * ss, n * ss
@@ -859,7 +941,8 @@ class Disk:
             return s
         ss, shift = self.sector_size, self._shift
         end_page = -(-(size * ss) // self.page_size)
-        p = _pagemap.scan(self._fd, self._words, (s * ss) >> shift, end_page, mapped)
+        with self._call():
+            p = _pagemap.scan(self._fd, self._words, (s * ss) >> shift, end_page, mapped)
         if p >= end_page:
             return size
         return min(size, max(s, (p << shift) // ss))
@@ -890,7 +973,8 @@ class Disk:
         """How many pages of the disk hold data (and memory)."""
         hq = self._header()
         pages = -(-(hq[_F_SIZE] * self.sector_size) // self.page_size)
-        return _pagemap.count_mapped(self._fd, self._words, pages)
+        with self._call():
+            return _pagemap.count_mapped(self._fd, self._words, pages)
 
     def flush(self) -> None:
         """Nothing to do (memory is the medium), but a disconnected handle still fails."""
@@ -904,38 +988,53 @@ class Disk:
         return open_disk(self, mode, buffering)
 
     def disconnect(self) -> None:
-        """Release this handle (descriptors, mappings); idempotent. The disk stays."""
-        with self._disconnect_lock:
-            self._hq = None  # first: every later call sees a disconnected handle
-            self._wv = memoryview(b"")
-            self._words = np.zeros(0, dtype=np.uint32)
-            self._dv = memoryview(b"")
-            self._dn = np.zeros(0, dtype=np.uint8)
-            for m in (self._data, self._meta):
-                if m is not None:
-                    try:
-                        m.close()
-                    except BufferError:
-                        pass  # a call in another thread still copies; unmapped when it is done
-            self._data = self._meta = None
-            fds_lock = self.__dict__.get("_fds_lock")
-            fds: set[int] = self.__dict__.get("_lock_fds", set())
-            if fds_lock is not None:
-                with fds_lock:
-                    to_close = [*fds]
-                    fds.clear()  # a thread's closer finding its fd gone closes nothing
-            else:
-                to_close = []
-            for fd in [*to_close, self._fd]:
-                if fd >= 0:
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
-            self._fd = -1
-            self._cap = 0
+        """Release this handle (descriptors, mappings); idempotent. The disk stays.
 
-    _disconnect_lock = threading.Lock()
+        Safe while other threads are inside calls on this handle: they finish or raise
+        ``DisconnectedError``, and what they still use is released when the last one leaves.
+        """
+        guard = self.__dict__.get("_fds_lock")
+        if guard is None:  # __init__ failed before its bookkeeping existed
+            self._release()
+            return
+        with guard:
+            self._hq = None  # first: every later call sees a disconnected handle
+            for lk in list(self._thread_locks):
+                if not lk.busy:
+                    lk.close()
+            self._release_if_idle()
+
+    def _release_if_idle(self) -> None:
+        """After disconnect (caller holds ``_fds_lock``): release all once no call is inside."""
+        if not any(lk.busy for lk in self._thread_locks):
+            for fd in [*self._lock_fds]:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._lock_fds.clear()
+            self._release()
+
+    def _release(self) -> None:
+        self._hq = None
+        self._wv = memoryview(b"")
+        self._words = np.zeros(0, dtype=np.uint32)
+        self._dv = memoryview(b"")
+        self._dn = np.zeros(0, dtype=np.uint8)
+        for m in (self._data, self._meta):
+            if m is not None:
+                try:
+                    m.close()
+                except BufferError:
+                    pass  # a lock-free read still copies from it: unmapped when it is done
+        self._data = self._meta = None
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+        self._fd = -1
+        self._cap = 0
 
     def __enter__(self) -> Disk:
         return self

@@ -321,3 +321,40 @@ def test_wait_false_refuses_instead_of_waiting(disk: shmdisk.Disk) -> None:
     buf = bytearray(4096)
     disk.read(0, buf, wait=False)
     assert buf == b"o" * 4096
+
+
+def test_disconnect_while_threads_are_inside_calls(name: str) -> None:
+    """Other threads' calls racing disconnect finish or raise DisconnectedError, nothing else."""
+    shmdisk.create(name, 512).disconnect()
+    for round_ in range(30):
+        d = shmdisk.connect(name, create=False)
+        outcomes: list[str] = []
+        stop = threading.Event()
+
+        def hammer(
+            i: int,
+            d: shmdisk.Disk = d,
+            outcomes: list[str] = outcomes,
+            stop: threading.Event = stop,
+        ) -> None:
+            buf = bytearray(4096 * (1 + i % 3))
+            try:
+                while not stop.is_set():
+                    (d.write if i % 2 else d.read)(8 * (i % 4), buf)
+                    d.seek_mapped(0)
+                    d.discard(64, 8)
+            except shmdisk.DisconnectedError:
+                outcomes.append("disconnected")
+            except BaseException as e:
+                outcomes.append(repr(e))
+
+        threads = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.002 * (round_ % 5))
+        d.disconnect()
+        stop.set()
+        for t in threads:
+            t.join(10)
+        assert set(outcomes) <= {"disconnected"}, outcomes
+        assert d.closed and d._fd == -1 and not d._lock_fds
