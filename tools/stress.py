@@ -4,6 +4,7 @@
 Usage::
 
     python tools/stress.py torture --duration 60 --processes 4
+    python tools/stress.py torture --blocks --resize --duration 30   # discards and shrinks
     python tools/stress.py kill --duration 60
     python tools/stress.py resize-destroy --duration 60
     python tools/stress.py enospc --duration 30          # root: needs unshare -m
@@ -11,12 +12,19 @@ Usage::
     python tools/stress.py permissions                   # root: drops to uid 65534
     python tools/stress.py all --duration 10 --json
 
-Sample output (torture, 2 cores)::
+Sample output (``torture -d 3 --seed 1``, 2 cores; figures abridged)::
 
-    torture     5.0s  ops 61234  12247/s  torn 0  corrupt 0
-    torture    10.0s  ops 122010  12158/s  torn 0  corrupt 0
-    torture: PASS  ops 183215 (reads 91601, writes 91614) in 15.0 s, 12214 ops/s, 4 processes,
-             torn reads 0, corrupt sectors 0
+    torture          1.0s  ops 17296  16873/s  torn 0  corrupt 0
+    torture          2.0s  ops 45120  22034/s  torn 0  corrupt 0
+    torture          3.0s  ops 74528  24375/s  torn 0  corrupt 0
+    torture: PASS  (3.5 s)
+        processes                                    4
+        ops                                          85472
+        reads                                        42814
+        writes                                       42654
+        torn_reads                                   0
+        corrupt_reads                                0
+        ops_per_s                                    27279
 
 Scenarios (see RELIABILITY.md for what each one proves and the figures of a real run):
 
