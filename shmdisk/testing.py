@@ -115,8 +115,12 @@ def _made_elsewhere(name: str) -> bool:
     try:
         creator = _shmdisk.inspect(name).creator_pid
     except _shmdisk.ShmdiskError:
-        return False
-    if creator is None or not os.path.exists(f"/proc/{creator}"):
+        return True  # vanished or unreadable meanwhile: nothing of ours to clean up
+    if creator is None:
+        # A corrupt or half-made segment names no creator: it cannot be told apart from one a
+        # concurrent run made on purpose, so it is left alone rather than destroyed.
+        return True
+    if not os.path.exists(f"/proc/{creator}"):
         return False  # a creator that is gone may have been our own worker: count it
     # A live creator that is neither this process nor one of its workers is another run's.
     return not _descends_from(creator, os.getpid())
@@ -130,10 +134,12 @@ def assert_no_leaks(
 
     Compares ``shmdisk.list_disks()`` before and after. Segments that other test runs or xdist
     workers made meanwhile do not count: those whose creator is alive but is neither this
-    process nor a process it started, and, under xdist, those named by ``unique_name`` in
-    another worker. Nor do those ``ignore(name)`` accepts. With ``cleanup`` (the default)
-    leaked segments are destroyed after being reported, so one leak does not spill into the
-    next test. Nothing is checked when the block itself raises.
+    process nor a process it started, those whose header names no creator (corrupt or
+    half-made: they cannot be attributed, so they are never destroyed by mistake), and, under
+    xdist, those named by ``unique_name`` in another worker. Nor do those ``ignore(name)``
+    accepts. With ``cleanup`` (the default) leaked segments are destroyed after being
+    reported, so one leak does not spill into the next test. Nothing is checked when the
+    block itself raises.
     """
     before = set(_shmdisk.list_disks())
     yield
