@@ -61,6 +61,7 @@ _WR = _locks.WRLCK
 _UN = _locks.UNLCK
 _SEQ = L.SEQ_MASK
 _MAPPED_ODD = L.MAPPED | 1
+_NO_WRAP = 0xFFFFFFFE  # a mapped word below this survives "| 1, + 1" without wrapping
 _STRUCT_CACHE = 1 << 16
 _word_written = _pagemap.word_written
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+
@@ -678,18 +679,37 @@ class Disk:
                     finally:
                         wv[p0] = (((w & _SEQ) | 1) + 1) & _SEQ | _MAPPED  # even, mapped
                 else:
-                    ws = self._snapshot(p0, p0 + n)
-                    if int(ws.min()) < _MAPPED:
-                        self._prepare(p0, ws)
                     seg = self._words[p0 : p0 + n]
-                    seg[:] = _pagemap.writing(ws)
-                    try:
-                        for v in views:
-                            k = len(v)
-                            dv[off : off + k] = v
-                            off += k
-                    finally:
-                        seg[:] = _pagemap.written(ws)
+                    g0, g1 = p0 >> _GROUP_SHIFT, (p0 + n - 1) >> _GROUP_SHIFT
+                    if (
+                        0 not in self._known[g0 : g1 + 1]  # reading seg faults no map hole
+                        and int(seg.min()) >= _MAPPED
+                        and int(seg.max()) < _NO_WRAP
+                    ):
+                        # A rewrite of pages that all hold data (the common case): each word
+                        # made odd, then one higher (even) in place, with no temporaries. No
+                        # word is near its wrap, so the mapped bit is never touched. (We hold
+                        # the pages exclusively: nobody else changes these words meanwhile.)
+                        np.bitwise_or(seg, np.uint32(1), out=seg)
+                        try:
+                            for v in views:
+                                k = len(v)
+                                dv[off : off + k] = v
+                                off += k
+                        finally:
+                            np.add(seg, np.uint32(1), out=seg)
+                    else:
+                        ws = self._snapshot(p0, p0 + n)
+                        if int(ws.min()) < _MAPPED:
+                            self._prepare(p0, ws)
+                        seg[:] = _pagemap.writing(ws)
+                        try:
+                            for v in views:
+                                k = len(v)
+                                dv[off : off + k] = v
+                                off += k
+                        finally:
+                            seg[:] = _pagemap.written(ws)
             finally:
                 _fcntl(fd, _SETLKW, unlock_s)
         finally:
