@@ -655,7 +655,8 @@ def test_demo_ctrl_c_still_destroys_the_disk(signum: int, code: int) -> None:
             if n.startswith(prefix):
                 shmdisk.destroy(n)
                 pytest.fail(f"demo left {n} behind")
-    assert proc.returncode == code, (out, err)
+    # On a loaded machine the demo may finish before the signal lands: then it exits 0.
+    assert proc.returncode == code or (proc.returncode == 0 and b"verified" in out), (out, err)
     assert b"destroyed" in out
 
 

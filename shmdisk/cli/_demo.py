@@ -179,9 +179,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("terminated: stopping the workers", file=sys.stderr)
         return 143
     finally:
-        # A second Ctrl-C or SIGTERM must not cut the clean-up short.
-        old_int = _set_signal(signal.SIGINT, signal.SIG_IGN)
+        # A second Ctrl-C or SIGTERM (or a first one that comes just as the demo ends) must
+        # not cut the clean-up short.
         _set_signal(signal.SIGTERM, signal.SIG_IGN)
+        old_int = _set_signal(signal.SIGINT, signal.SIG_IGN)
         for proc in procs:
             if proc.is_alive():
                 proc.terminate()
