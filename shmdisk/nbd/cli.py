@@ -1,7 +1,7 @@
 """The ``shmdisk serve`` subcommand: export disks over NBD.
 
 The top-level CLI calls :func:`register` with its subparsers; everything about serving lives here
-so ``shmdisk/cli.py`` needs no knowledge of the protocol.
+so ``shmdisk.cli`` needs no knowledge of the protocol.
 """
 
 from __future__ import annotations
