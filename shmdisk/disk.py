@@ -414,7 +414,11 @@ class Disk:
             # 1-D byte memoryview too); _write checks the range.
             n = len(buffers)  # type: ignore[arg-type]
             if not n % self.sector_size and (t is not memoryview or buffers.ndim == 1):  # type: ignore[union-attr]
-                return self._write(sector * self.sector_size, (buffers,), n, wait)  # type: ignore[arg-type]
+                off = sector * self.sector_size
+                p0 = off >> self._shift
+                if n and off >= 0 and (off + n - 1) >> self._shift == p0:
+                    return self._write_page(off, off + n, p0, (buffers,), wait)  # type: ignore[arg-type]
+                return self._write(off, (buffers,), n, wait)  # type: ignore[arg-type]
         if self.read_only:
             self._header()
             raise IsReadOnlyError(f"disk {self.name!r} is connected read-only")
@@ -639,19 +643,8 @@ class Disk:
             p0 = off >> shift
             n = ((end - 1) >> shift) + 1 - p0
             if n == 1:
-                # Packing two flock structs is about 0.25 us of a ~3.5 us 4 KiB write: keep
-                # the ones of recently written pages (bounded; cleared when full).
-                structs = self._page_structs.get(p0)
-                if structs is None:
-                    if len(self._page_structs) >= _STRUCT_CACHE:
-                        self._page_structs.clear()
-                    structs = self._page_structs[p0] = (
-                        _pack(_WR, 0, p0, 1, 0),
-                        _pack(_UN, 0, p0, 1, 0),
-                    )
-                lock_s, unlock_s = structs
-            else:
-                lock_s, unlock_s = _pack(_WR, 0, p0, n, 0), _pack(_UN, 0, p0, n, 0)
+                return self._write_page(off, end, p0, views, wait)
+            lock_s, unlock_s = _pack(_WR, 0, p0, n, 0), _pack(_UN, 0, p0, n, 0)
             fd = lk.fd
             if wait:
                 _fcntl(fd, _SETLKW, lock_s)
@@ -662,56 +655,99 @@ class Disk:
                 if hq[_F_GONE] or end > hq[_F_SIZE] * ss or end > self._cap:
                     self._check_range(self._header(), off, total)
                 dv = self._dv
-                if n == 1:
-                    wv = self._wv
-                    w = wv[p0] if self._known[p0 >> _GROUP_SHIFT] else self._word(p0)
-                    if w < _MAPPED:
-                        self._prepare(p0, np.array([w], dtype=np.uint32))
-                    wv[p0] = w | 1  # odd: lock-free readers of this page retry or wait
+                seg = self._words[p0 : p0 + n]
+                g0, g1 = p0 >> _GROUP_SHIFT, (p0 + n - 1) >> _GROUP_SHIFT
+                if (
+                    0 not in self._known[g0 : g1 + 1]  # reading seg faults no map hole
+                    and int(seg.min()) >= _MAPPED
+                    and int(seg.max()) < _NO_WRAP
+                ):
+                    # A rewrite of pages that all hold data (the common case): each word
+                    # made odd, then one higher (even) in place, with no temporaries. No
+                    # word is near its wrap, so the mapped bit is never touched. (We hold
+                    # the pages exclusively: nobody else changes these words meanwhile.)
+                    np.bitwise_or(seg, np.uint32(1), out=seg)
                     try:
-                        if len(views) == 1:
-                            dv[off:end] = views[0]
-                        else:
-                            for v in views:
-                                k = len(v)
-                                dv[off : off + k] = v
-                                off += k
+                        for v in views:
+                            k = len(v)
+                            dv[off : off + k] = v
+                            off += k
                     finally:
-                        wv[p0] = (((w & _SEQ) | 1) + 1) & _SEQ | _MAPPED  # even, mapped
+                        np.add(seg, np.uint32(1), out=seg)
                 else:
-                    seg = self._words[p0 : p0 + n]
-                    g0, g1 = p0 >> _GROUP_SHIFT, (p0 + n - 1) >> _GROUP_SHIFT
-                    if (
-                        0 not in self._known[g0 : g1 + 1]  # reading seg faults no map hole
-                        and int(seg.min()) >= _MAPPED
-                        and int(seg.max()) < _NO_WRAP
-                    ):
-                        # A rewrite of pages that all hold data (the common case): each word
-                        # made odd, then one higher (even) in place, with no temporaries. No
-                        # word is near its wrap, so the mapped bit is never touched. (We hold
-                        # the pages exclusively: nobody else changes these words meanwhile.)
-                        np.bitwise_or(seg, np.uint32(1), out=seg)
-                        try:
-                            for v in views:
-                                k = len(v)
-                                dv[off : off + k] = v
-                                off += k
-                        finally:
-                            np.add(seg, np.uint32(1), out=seg)
-                    else:
-                        ws = self._snapshot(p0, p0 + n)
-                        if int(ws.min()) < _MAPPED:
-                            self._prepare(p0, ws)
-                        seg[:] = _pagemap.writing(ws)
-                        try:
-                            for v in views:
-                                k = len(v)
-                                dv[off : off + k] = v
-                                off += k
-                        finally:
-                            seg[:] = _pagemap.written(ws)
+                    ws = self._snapshot(p0, p0 + n)
+                    if int(ws.min()) < _MAPPED:
+                        self._prepare(p0, ws)
+                    seg[:] = _pagemap.writing(ws)
+                    try:
+                        for v in views:
+                            k = len(v)
+                            dv[off : off + k] = v
+                            off += k
+                    finally:
+                        seg[:] = _pagemap.written(ws)
             finally:
                 _fcntl(fd, _SETLKW, unlock_s)
+        finally:
+            lk.busy = False
+            if self._hq is None:
+                self._leave(lk)
+
+    def _write_page(
+        self, off: int, end: int, p0: int, views: Sequence[memoryview], wait: bool
+    ) -> None:
+        """A write within one page: the commonest request, written out flat (see _read)."""
+        try:
+            lk = self._tls.lk
+        except AttributeError:
+            lk = self._thread_lock()
+        lk.busy = True  # before the check below: disconnect marks closed, then looks
+        try:
+            hq = self._hq
+            if hq is None:
+                raise DisconnectedError(f"disk {self.name!r} is disconnected")
+            if hq[_F_GONE]:
+                self._gone()
+            ss = self.sector_size
+            if end > hq[_F_SIZE] * ss:
+                self._check_range(hq, off, end - off)  # raises
+            # Packing two flock structs is about 0.25 us of a ~3.5 us 4 KiB write: keep the
+            # ones of recently written pages (bounded; cleared when full).
+            structs = self._page_structs.get(p0)
+            if structs is None:
+                if len(self._page_structs) >= _STRUCT_CACHE:
+                    self._page_structs.clear()
+                structs = self._page_structs[p0] = (
+                    _pack(_WR, 0, p0, 1, 0),
+                    _pack(_UN, 0, p0, 1, 0),
+                )
+            fd = lk.fd
+            if wait:
+                _fcntl(fd, _SETLKW, structs[0])
+            else:
+                self._lock_now(fd, _WR, p0, 1)
+            try:
+                # Again under the lock: a resize or destroy may have come in between.
+                if hq[_F_GONE] or end > hq[_F_SIZE] * ss or end > self._cap:
+                    self._check_range(self._header(), off, end - off)
+                wv = self._wv
+                w = wv[p0] if self._known[p0 >> _GROUP_SHIFT] else self._word(p0)
+                if w < _MAPPED:
+                    self._prepare(p0, np.array([w], dtype=np.uint32))
+                wv[p0] = w | 1  # odd: lock-free readers of this page retry or wait
+                try:
+                    if len(views) == 1:
+                        self._dv[off:end] = views[0]
+                    else:
+                        dv = self._dv
+                        for v in views:
+                            k = len(v)
+                            dv[off : off + k] = v
+                            off += k
+                finally:
+                    wv[p0] = (((w & _SEQ) | 1) + 1) & _SEQ | _MAPPED  # even, mapped
+            finally:
+                _fcntl(fd, _SETLKW, structs[1])
         finally:
             lk.busy = False
             if self._hq is None:
