@@ -137,17 +137,3 @@ def count_mapped_fd(fd: int, pages: int) -> int:
             pos += len(raw)
         off = stop
     return total
-
-
-def count_mapped(fd: int, words: Words, pages: int) -> int:
-    """Mapped pages among the first ``pages`` of a mapped page map, skipping its holes."""
-    total = 0
-    p = 0
-    while p < pages:
-        p = scan(fd, words, p, pages, True)
-        if p >= pages:
-            break
-        q = scan(fd, words, p, pages, False)
-        total += q - p
-        p = q
-    return total

@@ -137,6 +137,22 @@ def _zero(view: memoryview) -> None:
         np.frombuffer(view, dtype=np.uint8)[:] = 0
 
 
+def _copy_in(dv: memoryview, off: int, views: Sequence[memoryview]) -> None:
+    """Copy consecutive buffers into the mapping from byte ``off`` on."""
+    for v in views:
+        k = len(v)
+        dv[off : off + k] = v
+        off += k
+
+
+def _copy_from(dv: memoryview, off: int, views: Sequence[memoryview]) -> None:
+    """Fill consecutive buffers from the mapping, from byte ``off`` on."""
+    for v in views:
+        k = len(v)
+        v[:] = dv[off : off + k]
+        off += k
+
+
 # Every live handle, so a forked child can drop the lock descriptors it inherited.
 _live: weakref.WeakSet[Disk] = weakref.WeakSet()
 
@@ -535,11 +551,7 @@ class Disk:
                 # All mapped and all even, in one reduction: bit 31 set and (after ^1)
                 # bit 0 set in every word.
                 if int(np.bitwise_and.reduce(ws ^ np.uint32(1))) & _MAPPED_ODD == _MAPPED_ODD:
-                    for v in views:
-                        k = len(v)
-                        v[:] = self._dv[off : off + k]
-                        off += k
-                    off -= total
+                    _copy_from(self._dv, off, views)
                 elif int(np.bitwise_or.reduce(ws)) & 1:
                     return False  # a writer is in there: wait for it on the lock
                 else:
@@ -589,10 +601,7 @@ class Disk:
         """Copy bytes from ``off`` into ``views``; pages not mapped are zero-filled, not read."""
         dv = self._dv
         if int(ws.min()) >= _MAPPED:
-            for v in views:
-                n = len(v)
-                v[:] = dv[off : off + n]
-                off += n
+            _copy_from(dv, off, views)
             return
         if int(ws.max()) < _MAPPED:
             for v in views:
@@ -622,28 +631,20 @@ class Disk:
             off = vend
 
     def _write(self, off: int, views: Sequence[memoryview], total: int, wait: bool = True) -> None:
+        hq = self._header()
+        if off < 0 or off + total > hq[_F_SIZE] * self.sector_size:
+            self._check_range(hq, off, total)  # raises
+        if total == 0:
+            return
+        end = off + total
+        shift = self._shift
+        p0 = off >> shift
+        n = ((end - 1) >> shift) + 1 - p0
+        if n == 1:
+            return self._write_page(off, end, p0, views, wait)
+        lk = self._enter()
         try:
-            lk = self._tls.lk
-        except AttributeError:
-            lk = self._thread_lock()
-        lk.busy = True  # before the check below: disconnect marks closed, then looks
-        try:
-            hq = self._hq
-            if hq is None:
-                raise DisconnectedError(f"disk {self.name!r} is disconnected")
-            end = off + total
-            if hq[_F_GONE]:
-                self._gone()
             ss = self.sector_size
-            if off < 0 or end > hq[_F_SIZE] * ss:
-                self._check_range(hq, off, total)  # raises
-            if total == 0:
-                return
-            shift = self._shift
-            p0 = off >> shift
-            n = ((end - 1) >> shift) + 1 - p0
-            if n == 1:
-                return self._write_page(off, end, p0, views, wait)
             lock_s, unlock_s = _pack(_WR, 0, p0, n, 0), _pack(_UN, 0, p0, n, 0)
             fd = lk.fd
             if wait:
@@ -668,10 +669,7 @@ class Disk:
                     # the pages exclusively: nobody else changes these words meanwhile.)
                     np.bitwise_or(seg, np.uint32(1), out=seg)
                     try:
-                        for v in views:
-                            k = len(v)
-                            dv[off : off + k] = v
-                            off += k
+                        _copy_in(dv, off, views)
                     finally:
                         np.add(seg, np.uint32(1), out=seg)
                 else:
@@ -680,18 +678,13 @@ class Disk:
                         self._prepare(p0, ws)
                     seg[:] = _pagemap.writing(ws)
                     try:
-                        for v in views:
-                            k = len(v)
-                            dv[off : off + k] = v
-                            off += k
+                        _copy_in(dv, off, views)
                     finally:
                         seg[:] = _pagemap.written(ws)
             finally:
                 _fcntl(fd, _SETLKW, unlock_s)
         finally:
-            lk.busy = False
-            if self._hq is None:
-                self._leave(lk)
+            self._leave(lk)
 
     def _write_page(
         self, off: int, end: int, p0: int, views: Sequence[memoryview], wait: bool
@@ -739,11 +732,7 @@ class Disk:
                     if len(views) == 1:
                         self._dv[off:end] = views[0]
                     else:
-                        dv = self._dv
-                        for v in views:
-                            k = len(v)
-                            dv[off : off + k] = v
-                            off += k
+                        _copy_in(self._dv, off, views)
                 finally:
                     wv[p0] = (((w & _SEQ) | 1) + 1) & _SEQ | _MAPPED  # even, mapped
             finally:
@@ -1030,7 +1019,7 @@ class Disk:
         hq = self._header()
         pages = -(-(hq[_F_SIZE] * self.sector_size) // self.page_size)
         with self._call():
-            return _pagemap.count_mapped(self._fd, self._words, pages)
+            return _pagemap.count_mapped_fd(self._fd, pages)
 
     def flush(self) -> None:
         """Nothing to do (memory is the medium), but a disconnected handle still fails."""
