@@ -14,29 +14,48 @@ sees the same bytes. The API follows MirageOS's BLOCK device::
     shmdisk.destroy("scratch")
 
 Where to look: ``disk.py`` (the API), ``errors.py`` (every error), ``_layout.py`` (the byte
-format of a segment), ``_locks.py`` (the locking protocol).
+format of a segment), ``_pageio.py`` (the locking protocol). ``ENGINE`` says which engine runs
+it: ``"native"`` (the C extension) or ``"python"`` (``ctypes``; also with
+``SHMDISK_NO_EXTENSIONS=1``).
 """
 
 from ._layout import DEFAULT_SECTOR_SIZE, DEFAULT_SIZE_SECTORS
 from ._segment import SEGMENT_PREFIX, SegmentInfo, inspect, list_disks, segment_path
-from .disk import Disk, DiskInfo, Extent, connect, create, destroy
+from ._stripes import ENGINE
+from .disk import (
+    Disk,
+    DiskInfo,
+    Extent,
+    LayerExtent,
+    connect,
+    copy,
+    create,
+    destroy,
+    freeze,
+)
 from .errors import (
+    BackingLostError,
     BadBufferError,
     CorruptSegmentError,
     DisconnectedError,
+    DiskBusyError,
     DiskExistsError,
     DiskFullError,
     DiskNotFoundError,
     InvalidArgumentError,
     InvalidGeometryError,
+    InvalidModeError,
     InvalidNameError,
     IsReadOnlyError,
     LockTimeoutError,
+    NotFrozenError,
     OutOfRangeError,
     PermissionDeniedError,
+    ReentrantCallError,
     ShmdiskError,
     UnimplementedError,
     UnknownError,
+    UntrustedOwnerError,
     WouldBlockError,
 )
 
@@ -45,11 +64,14 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_SECTOR_SIZE",
     "DEFAULT_SIZE_SECTORS",
+    "ENGINE",
     "SEGMENT_PREFIX",
+    "BackingLostError",
     "BadBufferError",
     "CorruptSegmentError",
     "DisconnectedError",
     "Disk",
+    "DiskBusyError",
     "DiskExistsError",
     "DiskFullError",
     "DiskInfo",
@@ -57,20 +79,27 @@ __all__ = [
     "Extent",
     "InvalidArgumentError",
     "InvalidGeometryError",
+    "InvalidModeError",
     "InvalidNameError",
     "IsReadOnlyError",
+    "LayerExtent",
     "LockTimeoutError",
+    "NotFrozenError",
     "OutOfRangeError",
     "PermissionDeniedError",
+    "ReentrantCallError",
     "SegmentInfo",
     "ShmdiskError",
     "UnimplementedError",
     "UnknownError",
+    "UntrustedOwnerError",
     "WouldBlockError",
     "__version__",
     "connect",
+    "copy",
     "create",
     "destroy",
+    "freeze",
     "inspect",
     "list_disks",
     "segment_path",

@@ -1,36 +1,47 @@
-"""The byte format of a shmdisk segment: every field and offset, and nowhere else.
+"""The byte format of a shmdisk segment: every field, offset and bit, and nowhere else.
 
 A disk is one POSIX shared-memory object (``/dev/shm/shmdisk.NAME``) laid out as::
 
-    offset 0            header      HEADER_SIZE bytes: 16 little-endian u64 fields (below)
-    offset MAP_OFFSET   page map    one u32 per page, for max_pages pages (sparse until touched)
-    offset data_offset  data        capacity_bytes of sector data (sparse until written)
+    offset 0              header      HEADER_SIZE bytes: N_FIELDS little-endian u64 words
+                                      (below), then the backing disk's name (overlays only)
+    offset LOCK_OFFSET    lock table  STRIPES slots of SLOT_SIZE bytes (below)
+    offset MAP_OFFSET     page map    one u32 word per page, for max_pages pages
+    offset data_offset    data        capacity bytes of sector data
 
-The file is truncated once to ``data_offset + capacity_bytes``; tmpfs only spends memory on pages
-that are touched, so reserving the page map for ``max_pages`` costs nothing until used.
+The file is truncated once to ``data_offset + capacity``; tmpfs only spends memory on pages that
+are touched, so reserving the page map for ``max_pages`` costs nothing until used. The file
+never shrinks (another process's mapping would SIGBUS); ``resize`` only grows ``capacity``.
 
-Page map word (u32), one per page::
+**Page-map word** (u32), one per page::
 
-    bit 31      MAPPED: the page holds data (it was written and not discarded since)
-    bits 0-30   SEQ:    a sequence counter, odd while a writer is changing the page
+    bit 31      MAPPED  the page holds data of this disk (written, not discarded since)
+    bit 30      ZEROED  the page reads as zeros even where a backing disk has data (overlays)
+    bits 0-29   SEQ     a sequence counter, odd while a writer is changing the page
 
-A word per page instead of a bit: writers of neighbouring pages then never read-modify-write a
-shared byte, so no second lock is needed to keep a mapped flag from being lost, and the same
-word carries the counter that lets readers copy without a lock (see ``_locks.py``). It costs
-4 bytes per 4 KiB page (0.1 %).
+A page that is neither MAPPED nor ZEROED reads from the backing disk (overlays) or as zeros.
+A page that is not MAPPED is a hole in the file: its memory was never taken or was given back.
 
-The header's magic is written last by the creator: a segment without it is still being made.
+**Lock-table slot** (SLOT_SIZE bytes), one per stripe::
+
+    offset 0              a process-shared, robust pthread mutex (MUTEX_SIZE bytes, glibc ABI)
+    offset INTENT_FIRST   u64: first page of the range its holder is changing
+    offset INTENT_COUNT   u64: number of pages of that range
+
+Page ``p`` belongs to stripe ``(p >> STRIPE_SHIFT) % STRIPES``. The protocol that uses the table
+and the SEQ counters is described in ``_pageio.py``.
+
+The header's magic is written before the segment gets its name (it is made unnamed and linked
+into place whole, see ``_segment.py``), so a segment without it is not one of ours.
 """
 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 MAGIC = 0x004B5349444D4853  # b"SHMDISK\0" read as a little-endian u64
-VERSION = 1
+VERSION = 2  # 1: shmdisk 0.1 (OFD byte-range locks, no lock table)
 HEADER_SIZE = 4096
-MAP_OFFSET = HEADER_SIZE
 
 # Header fields, as indices of u64 words (the hot path reads them through a 'Q' memoryview).
 F_MAGIC = 0
@@ -47,13 +58,49 @@ F_CREATED_NS = 10
 F_CREATOR_PID = 11
 F_CREATOR_UID = 12
 F_DATA_OFFSET = 13
-N_FIELDS = 16  # words 14 and 15 are reserved (zero)
+F_LOCK_KIND = 14  # LOCK_ROBUST_MUTEX
+F_LOCK_ABI = 15  # which C library and CPU the mutexes were made for (ABI_TAGS)
+F_LOCK_OFFSET = 16
+F_STRIPES = 17
+F_STRIPE_SHIFT = 18
+F_SLOT_SIZE = 19
+F_MAP_OFFSET = 20
+F_FROZEN = 21  # mutable, once: set by freeze, never cleared
+F_BASE_CREATED_NS = 22  # overlays: the backing disk's created_ns (0: no backing disk)
+F_BASE_SIZE_SECTORS = 23  # overlays: the backing disk's size (frozen, so it never changes)
+F_BASE_NAME_LEN = 24  # overlays: bytes of the backing disk's name at BASE_NAME_OFFSET
+N_FIELDS = 32  # words 25-31 are reserved (zero)
 
-HEADER = struct.Struct("<16Q")
+HEADER = struct.Struct(f"<{N_FIELDS}Q")
+BASE_NAME_OFFSET = HEADER.size  # 256
+BASE_NAME_MAX = 256
+
+LOCK_ROBUST_MUTEX = 1
+# The glibc pthread_mutex_t layout (and the robust-list offset inside it) is an ABI: only
+# processes of the same C library and word size may lock the same table.
+ABI_GLIBC_X86_64 = int.from_bytes(b"glibcx64", "little")
+ABI_TAGS = {ABI_GLIBC_X86_64: "glibc/x86-64"}
+MUTEX_SIZE = 40  # sizeof(pthread_mutex_t), glibc x86-64
+STRIPES = 1024
+STRIPE_SHIFT = 4  # 16 pages (64 KiB of 4 KiB pages) per stripe unit
+SLOT_SIZE = 64
+INTENT_FIRST = 40
+INTENT_COUNT = 48
+LOCK_OFFSET = HEADER_SIZE
+MAP_OFFSET = LOCK_OFFSET + STRIPES * SLOT_SIZE
 
 MAPPED = 1 << 31
-SEQ_MASK = MAPPED - 1
+ZEROED = 1 << 30
+FLAGS = MAPPED | ZEROED
+SEQ_MASK = ZEROED - 1
 MAP_WORD_SIZE = 4
+WORDS_PER_MAP_PAGE = 1024  # page-map words in one OS page of the map
+MAP_PAGE_SHIFT = 10
+
+# Futex word of a robust mutex (first 4 bytes of the slot), as the kernel defines it.
+FUTEX_WAITERS = 0x80000000
+FUTEX_OWNER_DIED = 0x40000000
+FUTEX_TID_MASK = 0x3FFFFFFF
 
 MIN_SECTOR_SIZE = 512
 MAX_SECTOR_SIZE = 65536
@@ -64,6 +111,7 @@ DEFAULT_SIZE_SECTORS = 32768
 DEFAULT_MAX_BYTES = 1 << 40
 # Hard ceiling: the data and the page map must both fit in a 47-bit address space.
 MAX_DISK_BYTES = 1 << 46
+MAX_CHAIN = 16  # overlays of overlays: the deepest chain a disk may sit on
 
 
 def page_size_for(sector_size: int) -> int:
@@ -79,9 +127,23 @@ def data_offset_for(max_pages: int) -> int:
     return align_up(MAP_OFFSET + max_pages * MAP_WORD_SIZE, OS_PAGE_SIZE)
 
 
+def stripe_of(page: int) -> int:
+    return (page >> STRIPE_SHIFT) % STRIPES
+
+
+def word_writing(w: int) -> int:
+    """The word a writer stores before it changes the page: the counter made odd."""
+    return w | 1
+
+
+def word_done(w: int, flags: int) -> int:
+    """The word a writer stores when done: counter one past odd, with ``flags``."""
+    return flags | (((w | 1) + 1) & SEQ_MASK)
+
+
 @dataclass(frozen=True)
 class Header:
-    """A decoded header; ``validate`` says whether it can be trusted."""
+    """A decoded header; ``problem`` says whether it can be trusted."""
 
     magic: int
     version: int
@@ -97,40 +159,60 @@ class Header:
     creator_pid: int
     creator_uid: int
     data_offset: int
+    lock_kind: int = LOCK_ROBUST_MUTEX
+    lock_abi: int = ABI_GLIBC_X86_64
+    lock_offset: int = LOCK_OFFSET
+    stripes: int = STRIPES
+    stripe_shift: int = STRIPE_SHIFT
+    slot_size: int = SLOT_SIZE
+    map_offset: int = MAP_OFFSET
+    frozen: int = 0
+    base_created_ns: int = 0
+    base_size_sectors: int = 0
+    base_name: str = ""
 
     @classmethod
     def unpack(cls, raw: bytes) -> Header:
+        """Decode the first HEADER_SIZE bytes of a segment (shorter input reads as zeros)."""
+        raw = bytes(raw[:HEADER_SIZE]).ljust(HEADER_SIZE, b"\0")
         w = HEADER.unpack_from(raw)
-        return cls(*w[:14])
+        n = min(w[F_BASE_NAME_LEN], BASE_NAME_MAX)
+        name = raw[BASE_NAME_OFFSET : BASE_NAME_OFFSET + n].decode("ascii", "replace")
+        return cls(*w[:F_BASE_NAME_LEN], base_name=name)
+
+    def words(self) -> list[int]:
+        """The N_FIELDS header words, in order."""
+        vals = [getattr(self, f.name) for f in fields(self)][:-1]
+        vals.append(len(self.base_name.encode("ascii")))
+        return vals + [0] * (N_FIELDS - len(vals))
 
     def pack(self) -> bytes:
-        return HEADER.pack(
-            self.magic,
-            self.version,
-            self.header_size,
-            self.sector_size,
-            self.page_size,
-            self.size_sectors,
-            self.capacity,
-            self.max_pages,
-            self.generation,
-            self.destroyed,
-            self.created_ns,
-            self.creator_pid,
-            self.creator_uid,
-            self.data_offset,
-            0,
-            0,
-        )
+        """The whole HEADER_SIZE bytes: the words, then the backing disk's name."""
+        name = self.base_name.encode("ascii")
+        return (HEADER.pack(*self.words()) + name).ljust(HEADER_SIZE, b"\0")
+
+    @property
+    def is_overlay(self) -> bool:
+        return self.base_created_ns != 0
 
     def problem(self, file_size: int) -> str | None:
         """Why this header cannot be trusted for a file of ``file_size`` bytes, or None."""
         if self.magic != MAGIC:
             return "no shmdisk magic (foreign or unfinished segment)"
         if self.version != VERSION:
-            return f"layout version {self.version}, this shmdisk reads version {VERSION}"
+            return version_problem(self.version)
         if self.header_size != HEADER_SIZE:
             return f"header size {self.header_size} != {HEADER_SIZE}"
+        if self.lock_kind != LOCK_ROBUST_MUTEX:
+            return f"unknown lock kind {self.lock_kind}"
+        if (
+            self.lock_offset != LOCK_OFFSET
+            or self.stripes != STRIPES
+            or self.stripe_shift != STRIPE_SHIFT
+            or self.slot_size != SLOT_SIZE
+            or self.map_offset != MAP_OFFSET
+        ):
+            return "lock table or page map not where this version puts them"
         ss = self.sector_size
         if not (MIN_SECTOR_SIZE <= ss <= MAX_SECTOR_SIZE and ss & (ss - 1) == 0):
             return f"bad sector size {ss}"
@@ -148,4 +230,17 @@ class Header:
             return (
                 f"segment is {file_size} bytes, the header needs {self.data_offset + self.capacity}"
             )
+        if self.frozen not in (0, 1) or self.destroyed not in (0, 1):
+            return "frozen or destroyed flag is neither 0 nor 1"
+        if self.is_overlay:
+            if not self.base_name or self.base_size_sectors * ss > MAX_DISK_BYTES:
+                return "overlay without a valid backing disk"
+        elif self.base_name or self.base_size_sectors:
+            return "backing disk fields set on a disk that is no overlay"
         return None
+
+
+def version_problem(version: int) -> str:
+    if version == 1:
+        return "layout version 1 (shmdisk 0.1); this shmdisk reads version 2"
+    return f"layout version {version}, this shmdisk reads version {VERSION}"

@@ -37,6 +37,16 @@ def runs(words: Words) -> list[tuple[int, int, bool]]:
     return [(bounds[i], bounds[i + 1], bool(mask[bounds[i]])) for i in range(len(bounds) - 1)]
 
 
+def kind_runs(kinds: npt.NDArray[np.int8]) -> list[tuple[int, int, int]]:
+    """Maximal runs ``(start, end, kind)`` of equal values, in order."""
+    n = len(kinds)
+    if n == 0:
+        return []
+    edges = np.flatnonzero(kinds[1:] != kinds[:-1]) + 1
+    bounds = [0, *edges.tolist(), n]
+    return [(bounds[i], bounds[i + 1], int(kinds[bounds[i]])) for i in range(len(bounds) - 1)]
+
+
 def first(words: Words, mapped: bool) -> int:
     """Index of the first word whose mapped flag equals ``mapped``, or -1."""
     if len(words) == 0:
@@ -49,28 +59,14 @@ def first(words: Words, mapped: bool) -> int:
 
 
 def writing(words: Words) -> Words:
-    """The words a writer stores before it changes the pages: the counter made odd."""
+    """The words a writer stores before it changes the pages: the counters made odd."""
     return words | np.uint32(1)
 
 
-def written(words: Words) -> Words:
-    """The words a writer stores when done: counter one past odd, and mapped."""
-    return (((words & np.uint32(L.SEQ_MASK)) | np.uint32(1)) + np.uint32(1)) & np.uint32(
-        L.SEQ_MASK
-    ) | np.uint32(L.MAPPED)
-
-
-def discarded(words: Words) -> Words:
-    """The words after a discard: counter advanced, no longer mapped."""
-    return (((words & np.uint32(L.SEQ_MASK)) | np.uint32(1)) + np.uint32(1)) & np.uint32(L.SEQ_MASK)
-
-
-def word_writing(w: int) -> int:
-    return w | 1
-
-
-def word_written(w: int) -> int:
-    return (((w & L.SEQ_MASK) | 1) + 1) & L.SEQ_MASK | L.MAPPED
+def done(words: Words, flags: Words | int) -> Words:
+    """The words a writer stores when done: counters one past odd, with ``flags``."""
+    seq = ((words | np.uint32(1)) + np.uint32(1)) & np.uint32(L.SEQ_MASK)
+    return seq | np.asarray(flags, dtype=np.uint32)
 
 
 def _seek(fd: int, offset: int, whence: int) -> int | None:

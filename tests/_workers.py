@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 import shmdisk
-from shmdisk import _locks
+from shmdisk import _layout, _pageio
 
 
 def write_pattern(name: str, sector: int, n_bytes: int, seed: int) -> None:
@@ -63,13 +63,42 @@ def hammer_reads(name: str, sector: int, n_bytes: int, seconds: float) -> tuple[
     return reads, torn
 
 
-def hold_lock_then_wait(name: str, ready: Any, start: int, length: int) -> None:
-    """Take an exclusive page-range lock through the disk's own protocol and never let go."""
+def hold_pages(d: shmdisk.Disk, p0: int, p1: int) -> Any:
+    """Take the stripes of pages [p0, p1) through the disk's own protocol, as a writer does
+    (intent recorded); a context manager."""
+    io = d._io
+    return io.holding(io.current(), _pageio.stripes_for(p0, p1), (p0, p1 - p0))
+
+
+def make_odd(d: shmdisk.Disk, page: int) -> int:
+    """Do what a writer does before it changes ``page``: its counter made odd. The old word."""
+    wv = d._io.current().seg.wv
+    w = int(wv[page])
+    wv[page] = _layout.word_writing(w)
+    return w
+
+
+def make_even(d: shmdisk.Disk, page: int, old: int, mapped: bool = True) -> None:
+    """Finish what ``make_odd`` began, as the writer would."""
+    d._io.current().seg.wv[page] = _layout.word_done(old, _layout.MAPPED if mapped else 0)
+
+
+def stripe_holder(d: shmdisk.Disk, page: int) -> int:
+    """The thread id holding the stripe of ``page`` (0 when free), from its futex word."""
+    seg = d._io.current().seg
+    return int(seg.li[_layout.stripe_of(page) * (_layout.SLOT_SIZE // 4)] & _layout.FUTEX_TID_MASK)
+
+
+def hold_lock_then_wait(name: str, ready: Any, start: int, length: int, odd: bool = False) -> None:
+    """Take the stripes of pages [start, start + length) and never let go (``odd``: with the
+    first page's counter odd, as if killed mid-write)."""
     d = shmdisk.connect(name, create=False)
-    fd = d._lock_fd()
-    _locks.lock(fd, _locks.WRLCK, start, length)
-    ready.set()
-    time.sleep(3600)
+    with hold_pages(d, start, start + length):
+        if odd:
+            make_odd(d, start)
+            d._io.current().dv[start * d.page_size : start * d.page_size + 8] = b"torn!!!!"
+        ready.set()
+        time.sleep(3600)
 
 
 def big_writes_forever(name: str, ready: Any) -> None:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import multiprocessing
 import os
 import pickle
-import struct
 import time
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
@@ -22,7 +20,6 @@ SS = 512
 T = TypeVar("T")
 
 # struct flock on 64-bit Linux (l_type, l_whence, l_start, l_len, l_pid), 32 bytes.
-FLOCK = struct.Struct("=hh4xqqi4x")
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
@@ -140,14 +137,10 @@ def test_errors_are_the_blocking_apis_errors(name: str) -> None:
 
 
 def _hold_whole_lock(name: str, locked: Any, release: Any) -> None:
-    """Take an exclusive OFD lock over the whole lock space, as a whole-disk operation does."""
-    fd = os.open(shmdisk.segment_path(name), os.O_RDWR)
-    try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+    """Take every page lock of the disk, as a whole-disk operation does, until released."""
+    with shmdisk.connect(name, create=False) as d, d.hold_writes():
         locked.set()
         release.wait(60)
-    finally:
-        os.close(fd)  # the last close of the open file description drops the lock
 
 
 def test_loop_keeps_serving_while_a_write_waits_for_another_process(name: str) -> None:

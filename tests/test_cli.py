@@ -252,19 +252,23 @@ def test_ls_default_columns_and_units(names: list[str]) -> None:
     assert ok("ls", "--noheadings", "-o", "name,size", n).split() == [n, "1M"]
 
 
-def test_ls_lists_corrupt_and_half_made_segments_untouched(names: list[str]) -> None:
-    """Garbage, empty and future-version segments are listed with their state, left untouched."""
+def test_ls_lists_corrupt_and_other_version_segments_untouched(names: list[str]) -> None:
+    """Garbage, empty, old- and future-version segments are listed with their state, untouched."""
     real = new(names)
     shmdisk.create(real, 16).disconnect()
     garbage = f"test-cli-garbage-{os.getpid()}-{secrets.token_hex(4)}"
     empty = f"test-cli-empty-{os.getpid()}-{secrets.token_hex(4)}"
     future = f"test-cli-future-{os.getpid()}-{secrets.token_hex(4)}"
-    paths = [Path(shmdisk.segment_path(n)) for n in (garbage, empty, future)]
-    header = _layout.HEADER.pack(_layout.MAGIC, _layout.VERSION + 1, *[0] * 14)
+    old = f"test-cli-old-{os.getpid()}-{secrets.token_hex(4)}"
+    paths = [Path(shmdisk.segment_path(n)) for n in (garbage, empty, future, old)]
+    fields = _layout.N_FIELDS - 2
+    header = _layout.HEADER.pack(_layout.MAGIC, _layout.VERSION + 1, *[0] * fields)
+    v1_header = _layout.HEADER.pack(_layout.MAGIC, 1, 4096, 512, 4096, *[0] * (fields - 3))
     try:
         paths[0].write_bytes(os.urandom(5000))
         paths[1].write_bytes(b"")
         paths[2].write_bytes(header.ljust(8192, b"\0"))
+        paths[3].write_bytes(v1_header.ljust(8192, b"\0"))
         before = [(p.read_bytes(), p.stat().st_mtime_ns, p.stat().st_mode) for p in paths]
         text = ok("ls")
         doc = json.loads(ok("--json", tool=LS_TOOL))
@@ -275,13 +279,15 @@ def test_ls_lists_corrupt_and_half_made_segments_untouched(names: list[str]) -> 
             p.unlink(missing_ok=True)
     assert after == before
     rows = {line.split()[0]: line for line in text.splitlines()[1:]}
-    assert "corrupt" in rows[garbage] and "incomplete" in rows[empty]
+    assert "corrupt" in rows[garbage] and "corrupt" in rows[empty]
     assert "unsupported-version" in rows[future]
+    assert "old-version" in rows[old] and "version 1" in rows[old]
     assert rows[real].split()[-1] == "ok"
     disks = {e["name"]: e for e in doc["disks"]}
     assert disks[garbage]["state"] == "corrupt" and disks[garbage]["problem"]
     assert disks[garbage]["size_sectors"] is None and disks[garbage]["file_bytes"] == 5000
-    assert disks[empty]["state"] == "incomplete"
+    assert disks[empty]["state"] == "corrupt"
+    assert disks[old]["state"] == "old-version"
     assert disks[future]["state"] == "unsupported-version"
     assert one["disk"]["state"] == "corrupt"
 

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 import shmdisk
-from shmdisk import _locks
 
 SPAWN = multiprocessing.get_context("spawn")
 FORK = multiprocessing.get_context("fork")
@@ -120,22 +119,28 @@ def test_no_torn_reads_across_threads_sharing_a_handle(disk: shmdisk.Disk) -> No
 def test_killed_lock_holder_never_blocks_others(
     disk: shmdisk.Disk, procs: list[multiprocessing.process.BaseProcess]
 ) -> None:
-    """A process SIGKILLed while holding a page lock: the others go on at once."""
+    """A process SIGKILLed mid-write while holding page locks: the others go on at once, and
+    the page it left half-written reads as it is, with its counter repaired."""
+    disk.write(0, b"o" * 4096)
     ready = SPAWN.Event()
-    p = SPAWN.Process(target=w.hold_lock_then_wait, args=(disk.name, ready, 0, 10))
+    p = SPAWN.Process(target=w.hold_lock_then_wait, args=(disk.name, ready, 0, 10, True))
     procs.append(p)
     p.start()
     assert ready.wait(60)
-    fd = disk._lock_fd()
-    assert not _locks.try_lock(fd, _locks.WRLCK, 0, 1)  # really held by the child
+    assert w.stripe_holder(disk, 0) not in (0, threading.get_native_id())  # the child has it
+    with pytest.raises(shmdisk.WouldBlockError):
+        disk.write(0, b"x" * 512, wait=False)
     os.kill(p.pid, signal.SIGKILL)
     p.join(10)
     t0 = time.monotonic()
+    buf = bytearray(4096)
+    disk.read(0, buf)  # takes the dead holder's stripe: repairs page 0's counter
+    assert buf == b"torn!!!!" + b"o" * 4088
     disk.write(0, b"a" * 4096)
     assert time.monotonic() - t0 < 1.0
-    buf = bytearray(4096)
     disk.read(0, buf)
     assert buf == b"a" * 4096
+    assert w.stripe_holder(disk, 0) == 0
 
 
 def test_killed_mid_large_write_leaves_disk_usable(
@@ -188,16 +193,18 @@ def test_destroy_seen_by_other_process(disk: shmdisk.Disk) -> None:
 
 def test_forked_child_does_not_share_parent_locks(disk: shmdisk.Disk) -> None:
     """A child forked while the parent holds a lock must not hold (or release) that lock."""
-    fd = disk._lock_fd()
-    _locks.lock(fd, _locks.WRLCK, 0, 1)
-    try:
+    with w.hold_pages(disk, 0, 1):
         r, wfd = os.pipe()
         pid = os.fork()
-        if pid == 0:  # child: its own lock fd must find page 0 taken by the parent
+        if pid == 0:  # child: page 0 must be taken (by the parent), not its own
             try:
                 os.close(r)
-                held = not _locks.try_lock(disk._lock_fd(), _locks.WRLCK, 0, 1)
-                os.write(wfd, b"1" if held else b"0")
+                try:
+                    disk.write(0, bytes(512), wait=False)
+                    answer = b"0"
+                except shmdisk.WouldBlockError:
+                    answer = b"1"
+                os.write(wfd, answer)
             finally:
                 os._exit(0)
         os.close(wfd)
@@ -207,38 +214,47 @@ def test_forked_child_does_not_share_parent_locks(disk: shmdisk.Disk) -> None:
         assert os.waitstatus_to_exitcode(status) == 0
         assert answer == b"1"
         # ... and the child's exit released nothing of ours.
+        assert w.stripe_holder(disk, 0) == threading.get_native_id()
         other = shmdisk.connect(disk.name, create=False)
         try:
-            assert not _locks.try_lock(other._lock_fd(), _locks.WRLCK, 0, 1)
+            with pytest.raises(shmdisk.WouldBlockError):
+                threading_result: list[BaseException] = []
+                t = threading.Thread(
+                    target=lambda: _catch(threading_result, other.write, 0, bytes(512))
+                )
+                t.start()
+                t.join(10)
+                raise threading_result[0]
         finally:
             other.disconnect()
-    finally:
-        _locks.unlock(fd, 0, 1)
+
+
+def _catch(out: list[BaseException], fn: object, *args: object) -> None:
+    try:
+        fn(*args, wait=False)  # type: ignore[operator]
+    except BaseException as e:
+        out.append(e)
 
 
 def test_lock_free_read_falls_back_to_lock_while_writer_holds(disk: shmdisk.Disk) -> None:
     """A reader never returns a page a writer is changing: it waits on the writer's lock."""
     disk.write(0, b"1" * 4096)
     other = shmdisk.connect(disk.name, create=False)
-    fd = other._lock_fd()
-    _locks.lock(fd, _locks.WRLCK, 0, 1)
-    # Make the word odd, as a writer in the middle of its copy would.
-    w0 = other._wv[0]
-    other._wv[0] = w0 | 1
-    other._dv[0:4096] = b"2" * 4096
-    result: list[bytes] = []
+    with w.hold_pages(other, 0, 1):
+        w0 = w.make_odd(other, 0)  # as a writer in the middle of its copy
+        other._io.current().dv[0:4096] = b"2" * 4096
+        result: list[bytes] = []
 
-    def read() -> None:
-        buf = bytearray(4096)
-        disk.read(0, buf)
-        result.append(bytes(buf))
+        def read() -> None:
+            buf = bytearray(4096)
+            disk.read(0, buf)
+            result.append(bytes(buf))
 
-    t = threading.Thread(target=read)
-    t.start()
-    t.join(0.3)
-    assert t.is_alive(), "reader did not wait for the writer"
-    other._wv[0] = shmdisk._pagemap.word_written(w0)  # type: ignore[attr-defined]
-    _locks.unlock(fd, 0, 1)
+        t = threading.Thread(target=read)
+        t.start()
+        t.join(0.3)
+        assert t.is_alive(), "reader did not wait for the writer"
+        w.make_even(other, 0, w0)
     t.join(10)
     assert result == [b"2" * 4096]
     other.disconnect()
@@ -248,11 +264,9 @@ def test_lock_free_read_falls_back_to_lock_while_writer_holds(disk: shmdisk.Disk
 def test_destroy_while_waiting_for_lock_raises_disconnected(disk: shmdisk.Disk, op: str) -> None:
     """A call that finds the disk destroyed once it holds its lock raises DisconnectedError."""
     other = shmdisk.connect(disk.name, create=False)
-    fd = other._lock_fd()
-    _locks.lock(fd, _locks.WRLCK, 0, 1)
     calls = {
         "write": lambda: disk.write(0, bytes(512)),
-        "read": lambda: disk.read(0, bytearray(4096 * 2)),  # two pages: the locked path
+        "read": lambda: disk.read(0, bytearray(4096 * 2)),
         "discard": lambda: disk.discard(0, 1),
         "resize": lambda: disk.resize(8),
     }
@@ -265,13 +279,13 @@ def test_destroy_while_waiting_for_lock_raises_disconnected(disk: shmdisk.Disk, 
         except BaseException as e:
             outcome.append(e)
 
-    if op == "read":
-        other._wv[0] = other._wv[0] | 1  # as a writer mid-copy: the reader must take the lock
-    t = threading.Thread(target=run)
-    t.start()
-    time.sleep(0.2)  # the call is now waiting for page 0
-    other._hq[shmdisk._layout.F_DESTROYED] = 1  # type: ignore[attr-defined,index]
-    _locks.unlock(fd, 0, 1)
+    with w.hold_pages(other, 0, 1):
+        if op == "read":
+            w.make_odd(other, 0)  # as a writer mid-copy: the reader must take the lock
+        t = threading.Thread(target=run)
+        t.start()
+        time.sleep(0.2)  # the call is now waiting for page 0
+        other._io.current().seg.hq[shmdisk._layout.F_DESTROYED] = 1  # type: ignore[attr-defined]
     t.join(10)
     assert len(outcome) == 1 and isinstance(outcome[0], shmdisk.DisconnectedError), outcome
     with pytest.raises(shmdisk.DisconnectedError):
@@ -301,23 +315,31 @@ def test_wait_false_refuses_instead_of_waiting(disk: shmdisk.Disk) -> None:
     """With wait=False a locked page raises WouldBlockError at once and nothing changes."""
     disk.write(0, b"o" * 4096)
     other = shmdisk.connect(disk.name, create=False)
-    fd = other._lock_fd()
-    _locks.lock(fd, _locks.WRLCK, 0, 1)
-    try:
-        other._wv[0] = other._wv[0] | 1  # a writer mid-copy: readers must not go lock-free
+    outcomes: list[str] = []
+
+    def attempts() -> None:
         t0 = time.monotonic()
-        with pytest.raises(shmdisk.WouldBlockError):
-            disk.write(0, b"n" * 4096, wait=False)
-        with pytest.raises(shmdisk.WouldBlockError):
-            disk.read(0, bytearray(4096), wait=False)
-        with pytest.raises(BlockingIOError):
-            disk.write_at(10, b"n", wait=False)
-        assert time.monotonic() - t0 < 0.5
-        disk.write(8, b"p" * 512, wait=False)  # another page is free
-    finally:
-        other._wv[0] = shmdisk._pagemap.word_written(other._wv[0])  # type: ignore[attr-defined]
-        _locks.unlock(fd, 0, 1)
-        other.disconnect()
+        for call in (
+            lambda: disk.write(0, b"n" * 4096, wait=False),
+            lambda: disk.read(0, bytearray(4096), wait=False),
+            lambda: disk.write_at(10, b"n", wait=False),
+        ):
+            try:
+                call()
+                outcomes.append("done")
+            except BlockingIOError as e:
+                outcomes.append(type(e).__name__)
+        disk.write(128, b"p" * 512, wait=False)  # page 16: another stripe, free
+        outcomes.append(f"fast={time.monotonic() - t0 < 0.5}")
+
+    with w.hold_pages(other, 0, 1):
+        w0 = w.make_odd(other, 0)  # a writer mid-copy: readers must not go lock-free
+        t = threading.Thread(target=attempts)
+        t.start()
+        t.join(10)
+        w.make_even(other, 0, w0)
+    other.disconnect()
+    assert outcomes == ["WouldBlockError"] * 3 + ["fast=True"]
     buf = bytearray(4096)
     disk.read(0, buf, wait=False)
     assert buf == b"o" * 4096
@@ -357,4 +379,4 @@ def test_disconnect_while_threads_are_inside_calls(name: str) -> None:
         for t in threads:
             t.join(10)
         assert set(outcomes) <= {"disconnected"}, outcomes
-        assert d.closed and d._fd == -1 and not d._lock_fds
+        assert d.closed

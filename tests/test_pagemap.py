@@ -38,12 +38,12 @@ def test_first_finds_first_match(words: np.ndarray, mapped: bool) -> None:
 
 @given(words_st)
 def test_writer_protocol_words(words: np.ndarray) -> None:
-    """writing() is odd and keeps the flag; written() is even, mapped, and differs."""
+    """writing() is odd and keeps the flags; done() is even, has the flags asked, and differs."""
     wr = _pagemap.writing(words)
-    done = _pagemap.written(words)
-    gone = _pagemap.discarded(words)
+    done = _pagemap.done(words, L.MAPPED)
+    gone = _pagemap.done(words, L.ZEROED)
     for w, a, b, c in zip(words.tolist(), wr.tolist(), done.tolist(), gone.tolist(), strict=True):
-        assert a & 1 and (a >= L.MAPPED) == (w >= L.MAPPED)
-        assert b % 2 == 0 and b >= L.MAPPED and (b & L.SEQ_MASK) != (w & L.SEQ_MASK)
-        assert c % 2 == 0 and c < L.MAPPED and c != (w & L.SEQ_MASK)
-        assert _pagemap.word_writing(w) == a and _pagemap.word_written(w) == b
+        assert a & 1 and (a & L.FLAGS) == (w & L.FLAGS)
+        assert b % 2 == 0 and b & L.FLAGS == L.MAPPED and (b & L.SEQ_MASK) != (w & L.SEQ_MASK)
+        assert c % 2 == 0 and c & L.FLAGS == L.ZEROED and (c & L.SEQ_MASK) != (w & L.SEQ_MASK)
+        assert L.word_writing(w) == a and L.word_done(w, L.MAPPED) == b

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
-import struct
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from conftest import new_name
@@ -82,6 +84,11 @@ BAD_HEADERS = {
     "capacity unaligned": good_header(capacity=1000),
     "data offset wrong": good_header(data_offset=4096),
     "huge map": good_header(max_pages=1 << 50, data_offset=L.data_offset_for(1 << 50)),
+    "unknown lock kind": good_header(lock_kind=7),
+    "lock table elsewhere": good_header(stripes=8),
+    "overlay without its base": good_header(base_created_ns=5),
+    "frozen flag garbage": good_header(frozen=3),
+    "old version": good_header(version=1),
 }
 
 
@@ -104,7 +111,7 @@ def test_bad_header_refused(forged: Callable[[bytes, int], str], label: str) -> 
         with pytest.raises(shmdisk.CorruptSegmentError):
             shmdisk.connect(name, create=create)
     info = shmdisk.inspect(name)
-    assert info.state in ("corrupt", "unsupported-version") and info.problem
+    assert info.state in ("corrupt", "unsupported-version", "old-version") and info.problem
     assert read_file(shmdisk.segment_path(name)) == raw_before  # untouched
 
 
@@ -118,50 +125,97 @@ def test_file_shorter_than_header_says(forged: Callable[[bytes, int], str]) -> N
 
 @pytest.mark.parametrize(
     "content",
-    [b"", b"\x01" * 100, random.Random(7).randbytes(4096)],
-    ids=["empty", "short", "random"],
+    [b"", b"\x01" * 100, random.Random(7).randbytes(4096), good_header(magic=0).pack()],
+    ids=["empty", "short", "random", "no-magic"],
 )
-def test_garbage_refused(
-    forged: Callable[[bytes, int], str], content: bytes, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Random or truncated contents are refused with a typed error."""
-    monkeypatch.setattr(_segment, "READY_TIMEOUT", 0.3)  # the empty one looks half-made
-    name = forged(content, 0)
-    with pytest.raises(shmdisk.CorruptSegmentError):
-        shmdisk.connect(name, create=False)
+def test_garbage_refused_at_once(forged: Callable[[bytes, int], str], content: bytes) -> None:
+    """Random, truncated or magic-less contents are refused with a typed error, at once.
 
-
-def test_half_made_segment_is_waited_for_then_refused(
-    forged: Callable[[bytes, int], str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A segment without its magic (creator died) is reported as incomplete, not hung on."""
-    monkeypatch.setattr(_segment, "READY_TIMEOUT", 0.3)
-    name = forged(good_header(magic=0).pack(), 8192)
+    Creation is atomic (a segment gets its name only when complete), so a segment without
+    the magic is never one still being made: nothing to wait for.
+    """
+    name = forged(content, 8192)
     t0 = time.monotonic()
-    with pytest.raises(shmdisk.CorruptSegmentError, match="incomplete"):
-        shmdisk.connect(name, create=False)
-    assert time.monotonic() - t0 < 5
-    assert shmdisk.inspect(name).state == "incomplete"
+    for create in (False, True):
+        with pytest.raises(shmdisk.CorruptSegmentError):
+            shmdisk.connect(name, create=create)
+    assert time.monotonic() - t0 < 1.0
+    assert shmdisk.inspect(name).state == "corrupt"
     shmdisk.destroy(name)  # destroy cleans it up
     assert not os.path.exists(shmdisk.segment_path(name))
 
 
-def test_connect_waits_for_creator_to_publish(forged: Callable[[bytes, int], str]) -> None:
-    """A connector that arrives mid-creation waits for the magic instead of reading garbage."""
-    h = good_header()
-    name = forged(good_header(magic=0).pack(), file_size(h))
-    path = shmdisk.segment_path(name)
+def _die_mid_creation(name: str) -> None:
+    """Runs in a child: SIGKILL itself in the middle of creating ``name``."""
+    def die(*args: object) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
 
-    def publish() -> None:
-        time.sleep(0.3)
-        with open(path, "r+b") as f:
-            f.write(struct.pack("<Q", L.MAGIC))
+    _segment._init_stripes = die  # type: ignore[assignment]
+    shmdisk.create(name, 64)
 
-    t = threading.Thread(target=publish)
-    t.start()
-    with shmdisk.connect(name, create=False) as d:
-        assert d.get_info().size_sectors == 64
-    t.join()
+
+def test_creator_killed_mid_creation_leaves_nothing(name: str) -> None:
+    """A creator SIGKILLed half-way leaves no segment and no wedged name."""
+    before = set(os.listdir("/dev/shm"))
+    p = multiprocessing.get_context("fork").Process(target=_die_mid_creation, args=(name,))
+    p.start()
+    p.join(30)
+    assert p.exitcode == -signal.SIGKILL
+    assert set(os.listdir("/dev/shm")) == before
+    t0 = time.monotonic()
+    with pytest.raises(shmdisk.DiskNotFoundError):
+        shmdisk.connect(name, create=False)
+    with shmdisk.connect(name) as d:  # a fresh default disk, at once
+        assert d.get_info().size_sectors == shmdisk.DEFAULT_SIZE_SECTORS
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_destroyer_killed_after_marking_leaves_no_live_looking_disk(name: str) -> None:
+    """A disk marked destroyed but still named (its destroyer died) counts as gone."""
+    d = shmdisk.create(name, 64)
+    d.write(0, b"old!" * 128)
+    d._io.current().seg.hq[L.F_DESTROYED] = 1  # what a destroyer does just before unlinking
+    assert shmdisk.inspect(name).state == "destroyed"
+    with pytest.raises(shmdisk.DisconnectedError):
+        d.flush()
+    with pytest.raises(shmdisk.DiskNotFoundError):
+        shmdisk.connect(name, create=False)  # ... and it finished the unlink
+    assert name not in shmdisk.list_disks()
+    with shmdisk.connect(name) as fresh:
+        buf = bytearray(512)
+        fresh.read(0, buf)
+        assert buf == bytes(512)
+
+
+def test_create_racing_destroy_never_hands_out_an_unlinked_disk(name: str) -> None:
+    """Every handle create() returns is on the named segment, or on one marked destroyed."""
+    stop = time.monotonic() + 1.5
+    bad: list[str] = []
+    made = [0]
+
+    def destroyer() -> None:
+        while time.monotonic() < stop:
+            shmdisk.destroy(name)
+
+    def creator() -> None:
+        while time.monotonic() < stop:
+            try:
+                d = shmdisk.create(name, 8)
+            except shmdisk.DiskExistsError:
+                continue
+            seg = d._io.current().seg
+            if os.fstat(seg.fd).st_nlink == 0 and not seg.hq[L.F_DESTROYED]:
+                bad.append("handle on an unlinked, unmarked segment")
+            made[0] += 1
+            d.disconnect()
+
+    threads = [threading.Thread(target=destroyer), threading.Thread(target=creator)]
+    threads.append(threading.Thread(target=creator))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert made[0] > 20 and not bad
 
 
 def test_racing_connects_agree_on_one_device(name: str) -> None:
@@ -203,28 +257,33 @@ def test_destroy_recreate_gives_fresh_device(name: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["fifo", "directory", "symlink"])
-def test_non_regular_entries_refused_without_hanging(kind: str) -> None:
-    """A FIFO, directory or symlink with our prefix: typed errors, no hang, inspect says so."""
+def test_non_regular_entries_refused_then_removed(kind: str, tmp_path: Path) -> None:
+    """A FIFO, directory or symlink with our prefix: typed errors, no hang; destroy removes
+    it without following it."""
     name = new_name(kind)
     path = shmdisk.segment_path(name)
+    target = tmp_path / "target"
+    target.write_bytes(b"keep me")
     if kind == "fifo":
         os.mkfifo(path, 0o600)
     elif kind == "directory":
         os.mkdir(path, 0o700)
     else:
-        os.symlink("/dev/null", path)
+        os.symlink(target, path)
     try:
         assert shmdisk.inspect(name).state == "corrupt"
         for call in (
             lambda: shmdisk.connect(name, create=False),
             lambda: shmdisk.connect(name, read_only=True, create=False),
             lambda: shmdisk.connect(name),
-            lambda: shmdisk.destroy(name),
         ):
             with pytest.raises(shmdisk.CorruptSegmentError):
                 call()
+        shmdisk.destroy(name)
+        assert not os.path.lexists(path)
+        assert target.read_bytes() == b"keep me"
     finally:
-        if kind == "directory":
+        if os.path.isdir(path):
             os.rmdir(path)
-        else:
+        elif os.path.lexists(path):
             os.unlink(path)

@@ -1,0 +1,854 @@
+/* shmdisk._native: the common read and write request in one call.
+ *
+ * This is an accelerator, not a second design: it runs exactly the protocol that
+ * shmdisk/_pageio.py describes (stripes of robust mutexes, intents, SEQ counters made odd and
+ * even around every change, lock-free reads that re-check the counters), on the byte format
+ * of shmdisk/_layout.py. Python keeps everything else (allocation on first write, discard,
+ * resize, waiting) and drives the same lock table through the Engine methods below, so
+ * processes with and without this module share a disk.
+ *
+ * Every entry point checks its arguments and every offset it derives from the (shared, hence
+ * untrusted) segment against the lengths of the buffers it was given: bad input raises a Python
+ * exception or returns ST_SLOW/ST_RANGE for Python to sort out, never touches memory outside
+ * the mappings. The GIL is released only around memcpy/memset and around blocking on a mutex.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/types.h>
+#include <time.h>
+#include <unistd.h>
+#include <xmmintrin.h>
+
+#if !defined(__x86_64__) || !defined(__GLIBC__)
+#error "shmdisk._native is built for glibc on x86-64 only (see shmdisk/_stripes.py)"
+#endif
+
+#ifndef FALLOC_FL_KEEP_SIZE
+#define FALLOC_FL_KEEP_SIZE 0x01
+#endif
+#ifndef FALLOC_FL_PUNCH_HOLE
+#define FALLOC_FL_PUNCH_HOLE 0x02
+#endif
+
+/* The byte format (shmdisk/_layout.py); _stripes.py checks these against it at import. */
+#define F_SIZE_SECTORS 5
+#define F_DESTROYED 9
+#define F_FROZEN 21
+#define STRIPES 1024
+#define STRIPE_SHIFT 4
+#define SLOT_SIZE 64
+#define INTENT_FIRST 40
+#define INTENT_COUNT 48
+#define LOCK_OFFSET 4096
+#define MAP_OFFSET (LOCK_OFFSET + STRIPES * SLOT_SIZE)
+#define MAP_PAGE_SHIFT 10 /* page-map words per OS page of the map: 1024 */
+#define MAPPED 0x80000000u
+#define ZEROED 0x40000000u
+#define FLAGS (MAPPED | ZEROED)
+#define SEQ_MASK 0x3FFFFFFFu
+#define MAX_CHAIN 16
+
+/* What read() and write() return. */
+enum {
+    ST_OK = 0,
+    ST_SLOW = 1,      /* Python must do it: a writer is there, a page needs memory, ... */
+    ST_RANGE = 2,     /* outside the disk or past this mapping: Python re-checks and raises */
+    ST_GONE = 3,      /* the disk was destroyed */
+    ST_READONLY = 4,  /* frozen disk (or read-only handle, for write) */
+    ST_BASE_GONE = 5, /* a backing disk of this overlay was destroyed */
+};
+
+#define GIL_FREE_BYTES (64 * 1024) /* copies this big run without the GIL */
+#define MAX_BUFFERS 16             /* more buffers in one request: Python does it */
+#define LOCAL_PAGES 64             /* requests up to this many pages need no allocation */
+
+static unsigned long long repaired_pages = 0;
+
+typedef struct EngineObject {
+    PyObject_HEAD
+    Py_buffer meta; /* header | lock table | page map */
+    Py_buffer data; /* the data area (len 0: capacity 0) */
+    Py_buffer known; /* one byte per page of the page map: known to hold memory */
+    int have_meta, have_data, have_known;
+    int writable;
+    int fd;
+    uint64_t sector_size, page_shift, max_pages, data_offset;
+    uint64_t base_pages; /* pages of this disk that may come from the base */
+    struct EngineObject *base;
+} EngineObject;
+
+/* ------------------------------------------------------------------ small helpers */
+
+static inline uint64_t *hdr(EngineObject *e) { return (uint64_t *)e->meta.buf; }
+
+static inline uint64_t hdr_load(EngineObject *e, int field) {
+    return __atomic_load_n(&hdr(e)[field], __ATOMIC_ACQUIRE);
+}
+
+static inline uint32_t *words(EngineObject *e) {
+    return (uint32_t *)((char *)e->meta.buf + MAP_OFFSET);
+}
+
+static inline char *slot(EngineObject *e, uint64_t s) {
+    return (char *)e->meta.buf + LOCK_OFFSET + s * SLOT_SIZE;
+}
+
+static inline pthread_mutex_t *mutex_of(EngineObject *e, uint64_t s) {
+    return (pthread_mutex_t *)slot(e, s);
+}
+
+static inline uint64_t stripe_of(uint64_t page) { return (page >> STRIPE_SHIFT) % STRIPES; }
+
+/* Page `p`'s word, without reading a hole of the page map through the mapping (that would
+ * make tmpfs allocate it). A hole was never written: its words are 0. Learns into `known`
+ * which map pages hold memory (they never stop holding it: the map is never punched). */
+static uint32_t load_word(EngineObject *e, uint64_t p) {
+    uint64_t g = p >> MAP_PAGE_SHIFT;
+    unsigned char *known = (unsigned char *)e->known.buf;
+    if (!known[g]) {
+        off_t off = (off_t)(MAP_OFFSET + (g << 12));
+        off_t got = lseek(e->fd, off, SEEK_DATA);
+        if (got != off)
+            return 0; /* a hole (or ENXIO: no data after it) */
+        known[g] = 1;
+    }
+    return __atomic_load_n(&words(e)[p], __ATOMIC_ACQUIRE);
+}
+
+static inline void store_word(EngineObject *e, uint64_t p, uint32_t w) {
+    __atomic_store_n(&words(e)[p], w, __ATOMIC_RELEASE);
+}
+
+/* Is any disk of the chain under `e` (the backing disks, not `e` itself) destroyed? */
+static int base_gone(EngineObject *e) {
+    for (EngineObject *b = e->base; b; b = b->base)
+        if (hdr_load(b, F_DESTROYED))
+            return 1;
+    return 0;
+}
+
+/* The checks every request starts with: ST_OK, or why not. */
+static int check_request(EngineObject *e, long long off, uint64_t total, int writing) {
+    if (hdr_load(e, F_DESTROYED))
+        return ST_GONE;
+    if (e->base && base_gone(e))
+        return ST_BASE_GONE;
+    if (writing && (!e->writable || hdr_load(e, F_FROZEN)))
+        return ST_READONLY;
+    uint64_t size = hdr_load(e, F_SIZE_SECTORS);
+    uint64_t limit = e->max_pages << e->page_shift;
+    if (size > limit / e->sector_size)
+        return ST_RANGE; /* a corrupt size: Python validates the header and says so */
+    uint64_t end_disk = size * e->sector_size;
+    if (off < 0 || total > end_disk || (uint64_t)off > end_disk - total)
+        return ST_RANGE;
+    if ((uint64_t)off + total > (uint64_t)e->data.len)
+        return ST_RANGE; /* grown by another process: Python maps the new capacity */
+    return ST_OK;
+}
+
+/* ------------------------------------------------------------------ caller's buffers */
+
+typedef struct {
+    Py_buffer view[MAX_BUFFERS];
+    int n;
+    uint64_t total;
+} Views;
+
+static void release_views(Views *v) {
+    for (int i = 0; i < v->n; i++)
+        PyBuffer_Release(&v->view[i]);
+    v->n = 0;
+}
+
+/* Plain numbers and bytes only: an object array ('O') filled with raw bytes is a crash
+ * waiting for its next access. */
+static int plain_format(const char *f) {
+    if (f == NULL)
+        return 1; /* NULL means 'B' */
+    if (*f == '@' || *f == '=' || *f == '<' || *f == '>' || *f == '!')
+        f++;
+    if (*f == 'Z')
+        return (f[1] == 'f' || f[1] == 'd' || f[1] == 'g') && f[2] == '\0';
+    return *f != '\0' && strchr("cbB?hHiIlLqQnNefdg", *f) != NULL && f[1] == '\0';
+}
+
+/* 0 ok, 1 too many buffers (Python does it), -1 exception set. */
+static int get_views(PyObject *obj, int writable, Views *v) {
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+    v->n = 0;
+    v->total = 0;
+    PyObject *seq = NULL;
+    Py_ssize_t count = 1;
+    if (PyList_Check(obj) || PyTuple_Check(obj)) {
+        seq = obj;
+        count = PySequence_Fast_GET_SIZE(obj);
+        if (count > MAX_BUFFERS)
+            return 1;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *item = seq ? PySequence_Fast_GET_ITEM(seq, i) : obj;
+        if (PyObject_GetBuffer(item, &v->view[v->n], flags) < 0) {
+            release_views(v);
+            return -1;
+        }
+        v->n++;
+        if (!plain_format(v->view[v->n - 1].format)) {
+            release_views(v);
+            PyErr_SetString(PyExc_TypeError, "buffer format is not plain bytes or numbers");
+            return -1;
+        }
+        v->total += (uint64_t)v->view[v->n - 1].len;
+    }
+    return 0;
+}
+
+/* A position inside the concatenation of the caller's buffers. */
+typedef struct {
+    Views *v;
+    int i;
+    uint64_t at;
+} Cursor;
+
+/* Copy `len` bytes from `src` (NULL: zeros) to the cursor (reading), or from the cursor to
+ * `dst` (writing, src unused). */
+static void cursor_out(Cursor *c, const char *src, uint64_t len) {
+    while (len) {
+        Py_buffer *b = &c->v->view[c->i];
+        uint64_t room = (uint64_t)b->len - c->at;
+        if (room == 0) {
+            c->i++;
+            c->at = 0;
+            continue;
+        }
+        uint64_t k = len < room ? len : room;
+        char *dst = (char *)b->buf + c->at;
+        if (src) {
+            memcpy(dst, src, k);
+            src += k;
+        } else {
+            memset(dst, 0, k);
+        }
+        c->at += k;
+        len -= k;
+    }
+}
+
+static void cursor_in(Cursor *c, char *dst, uint64_t len) {
+    while (len) {
+        Py_buffer *b = &c->v->view[c->i];
+        uint64_t room = (uint64_t)b->len - c->at;
+        if (room == 0) {
+            c->i++;
+            c->at = 0;
+            continue;
+        }
+        uint64_t k = len < room ? len : room;
+        memcpy(dst, (char *)b->buf + c->at, k);
+        dst += k;
+        c->at += k;
+        len -= k;
+    }
+}
+
+/* ------------------------------------------------------------------ stripes */
+
+/* The stripes covering pages [p0, p1), ascending (the lock order): all of them, or the
+ * residues of the units u0..u1, which may wrap around STRIPES once. */
+typedef struct {
+    uint64_t a0, a1, b0, b1; /* [a0, a1) then [b0, b1) */
+} StripeSet;
+
+static StripeSet stripes_for(uint64_t p0, uint64_t p1) {
+    StripeSet s = {0, 0, 0, 0};
+    uint64_t u0 = p0 >> STRIPE_SHIFT, u1 = (p1 - 1) >> STRIPE_SHIFT;
+    if (u1 - u0 + 1 >= STRIPES) {
+        s.a1 = STRIPES;
+        return s;
+    }
+    uint64_t r0 = u0 % STRIPES, r1 = u1 % STRIPES;
+    if (r0 <= r1) {
+        s.a0 = r0;
+        s.a1 = r1 + 1;
+    } else {
+        s.a1 = r1 + 1;
+        s.b0 = r0;
+        s.b1 = STRIPES;
+    }
+    return s;
+}
+
+/* Punch pages [p, p + n) out of the file: memory given back, zeros when read again. */
+static void punch(EngineObject *e, uint64_t p, uint64_t n) {
+    if (n == 0)
+        return;
+    off_t off = (off_t)(e->data_offset + (p << e->page_shift));
+    (void)fallocate(e->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off,
+                    (off_t)(n << e->page_shift));
+}
+
+/* The holder of stripe `s` died: put right what it may have left, before anyone else gets
+ * the stripe. For the pages of its intent that belong to `s`: an odd counter is made even;
+ * a page that is not MAPPED is punched (a first write, discard or shrink cut short may have
+ * left data or memory in it, and an unmapped page must read as zeros and cost nothing). */
+static void repair(EngineObject *e, uint64_t s) {
+    uint64_t first = *(volatile uint64_t *)(slot(e, s) + INTENT_FIRST);
+    uint64_t count = *(volatile uint64_t *)(slot(e, s) + INTENT_COUNT);
+    if (first >= e->max_pages || count == 0)
+        return;
+    if (count > e->max_pages - first)
+        count = e->max_pages - first;
+    uint64_t end = first + count;
+    uint64_t unit = first >> STRIPE_SHIFT;
+    uint64_t r = unit % STRIPES;
+    unit += (s + STRIPES - r) % STRIPES; /* first unit >= `first`'s unit that is stripe s */
+    for (; (unit << STRIPE_SHIFT) < end; unit += STRIPES) {
+        uint64_t a = unit << STRIPE_SHIFT, b = a + (1u << STRIPE_SHIFT);
+        if (a < first)
+            a = first;
+        if (b > end)
+            b = end;
+        uint64_t run = 0;
+        for (uint64_t p = a; p < b; p++) {
+            uint32_t w = load_word(e, p);
+            if (w & 1) {
+                uint32_t flags = w & FLAGS;
+                store_word(e, p, flags | ((w + 1) & SEQ_MASK));
+                repaired_pages++;
+                w = flags;
+            }
+            if (!(w & MAPPED)) {
+                run++;
+                continue;
+            }
+            punch(e, p - run, run);
+            run = 0;
+        }
+        punch(e, b - run, run);
+    }
+}
+
+/* Take stripe `s` now or report EBUSY; a dead holder's mess is repaired first. */
+static int try_stripe(EngineObject *e, uint64_t s) {
+    pthread_mutex_t *m = mutex_of(e, s);
+    int rc = pthread_mutex_trylock(m);
+    if (rc == EOWNERDEAD) {
+        repair(e, s);
+        rc = pthread_mutex_consistent(m);
+    }
+    return rc;
+}
+
+static void unlock_range(EngineObject *e, uint64_t a, uint64_t b) {
+    for (uint64_t s = a; s < b; s++)
+        pthread_mutex_unlock(mutex_of(e, s));
+}
+
+static void unlock_set(EngineObject *e, StripeSet *ss) {
+    unlock_range(e, ss->b0, ss->b1);
+    unlock_range(e, ss->a0, ss->a1);
+}
+
+/* Take every stripe of the set or none: 0, EBUSY, or an errno (ENOTRECOVERABLE, ...). */
+static int try_set(EngineObject *e, StripeSet *ss, uint64_t first, uint64_t count) {
+    uint64_t ranges[2][2] = {{ss->a0, ss->a1}, {ss->b0, ss->b1}};
+    for (int k = 0; k < 2; k++) {
+        for (uint64_t s = ranges[k][0]; s < ranges[k][1]; s++) {
+            int rc = try_stripe(e, s);
+            if (rc) {
+                unlock_range(e, ranges[k][0], s);
+                if (k == 1)
+                    unlock_range(e, ss->a0, ss->a1);
+                return rc;
+            }
+            char *sl = slot(e, s);
+            *(volatile uint64_t *)(sl + INTENT_FIRST) = first;
+            *(volatile uint64_t *)(sl + INTENT_COUNT) = count;
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ reading */
+
+/* Where page `p` of `e` reads from: a pointer into some layer's data, NULL for zeros, or
+ * sets *status (ST_SLOW, ST_BASE_GONE) and returns NULL. `w` is e's own word for p. */
+static const char *page_source(EngineObject *e, uint64_t p, uint32_t w, int *status) {
+    for (int depth = 0; depth <= MAX_CHAIN; depth++) {
+        if (w & MAPPED) {
+            uint64_t at = p << e->page_shift;
+            if (at + (1ull << e->page_shift) > (uint64_t)e->data.len) {
+                *status = ST_SLOW; /* this layer grew past its mapping */
+                return NULL;
+            }
+            return (const char *)e->data.buf + at;
+        }
+        if ((w & ZEROED) || !e->base || p >= e->base_pages)
+            return NULL;
+        e = e->base;
+        if (hdr_load(e, F_DESTROYED)) {
+            *status = ST_BASE_GONE;
+            return NULL;
+        }
+        w = load_word(e, p); /* a frozen disk's words never change */
+        if (w & 1) {
+            *status = ST_SLOW;
+            return NULL;
+        }
+    }
+    *status = ST_SLOW;
+    return NULL;
+}
+
+static int do_read(EngineObject *e, long long off, Views *v) {
+    uint64_t total = v->total;
+    int st = check_request(e, off, total, 0);
+    if (st != ST_OK || total == 0)
+        return st;
+    uint64_t shift = e->page_shift, page = 1ull << shift;
+    uint64_t p0 = (uint64_t)off >> shift, p1 = (((uint64_t)off + total - 1) >> shift) + 1;
+    uint64_t n = p1 - p0;
+    uint32_t snap_local[LOCAL_PAGES];
+    const char *src_local[LOCAL_PAGES];
+    uint32_t *snap = snap_local;
+    const char **src = src_local;
+    if (n > LOCAL_PAGES) {
+        snap = PyMem_Malloc(n * sizeof(uint32_t));
+        src = PyMem_Malloc(n * sizeof(char *));
+        if (!snap || !src) {
+            PyMem_Free(snap);
+            PyMem_Free(src);
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    st = ST_SLOW;
+    for (int attempt = 0; attempt < 2; attempt++) {
+        int bad = ST_OK;
+        for (uint64_t i = 0; i < n && bad == ST_OK; i++) {
+            uint32_t w = load_word(e, p0 + i);
+            snap[i] = w;
+            if (w & 1)
+                bad = ST_SLOW; /* a writer is in there: Python waits for it */
+            else
+                src[i] = page_source(e, p0 + i, w, &bad);
+        }
+        if (bad != ST_OK) {
+            st = bad;
+            break;
+        }
+        /* Copy page by page from its source, merging neighbours that are contiguous. */
+        Cursor c = {v, 0, 0};
+        int nogil = total >= GIL_FREE_BYTES;
+        PyThreadState *ts = nogil ? PyEval_SaveThread() : NULL;
+        uint64_t pos = (uint64_t)off, end = (uint64_t)off + total;
+        uint64_t i = 0;
+        while (pos < end) {
+            uint64_t j = i + 1;
+            while (j < n && ((src[i] == NULL && src[j] == NULL) ||
+                             (src[i] && src[j] == src[i] + ((j - i) << shift))))
+                j++;
+            uint64_t run_end = (p0 + j) << shift;
+            if (run_end > end)
+                run_end = end;
+            uint64_t k = run_end - pos;
+            cursor_out(&c, src[i] ? src[i] + (pos & (page - 1)) : NULL, k);
+            pos = run_end;
+            i = j;
+        }
+        if (ts)
+            PyEval_RestoreThread(ts);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE); /* the data loads before the re-check */
+        int same = 1;
+        for (uint64_t i2 = 0; i2 < n; i2++)
+            if (load_word(e, p0 + i2) != snap[i2]) {
+                same = 0;
+                break;
+            }
+        if (same) {
+            st = ST_OK;
+            break;
+        }
+    }
+    if (snap != snap_local) {
+        PyMem_Free(snap);
+        PyMem_Free((void *)src);
+    }
+    return st;
+}
+
+/* ------------------------------------------------------------------ writing */
+
+static int do_write(EngineObject *e, long long off, Views *v) {
+    uint64_t total = v->total;
+    int st = check_request(e, off, total, 1);
+    if (st != ST_OK || total == 0)
+        return st;
+    uint64_t shift = e->page_shift;
+    uint64_t p0 = (uint64_t)off >> shift, p1 = (((uint64_t)off + total - 1) >> shift) + 1;
+    uint64_t n = p1 - p0;
+    /* Known map pages only: a hole means an unmapped page, which Python allocates. */
+    unsigned char *known = (unsigned char *)e->known.buf;
+    for (uint64_t g = p0 >> MAP_PAGE_SHIFT; g <= (p1 - 1) >> MAP_PAGE_SHIFT; g++)
+        if (!known[g])
+            return ST_SLOW;
+    StripeSet ss = stripes_for(p0, p1);
+    int rc = try_set(e, &ss, p0, n);
+    if (rc == EBUSY)
+        return ST_SLOW;
+    if (rc) {
+        errno = rc;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    /* Again under the stripes: a destroy, freeze or resize may have come in between. */
+    st = check_request(e, off, total, 1);
+    uint32_t *wv = words(e);
+    for (uint64_t p = p0; st == ST_OK && p < p1; p++)
+        if (!(wv[p] & MAPPED))
+            st = ST_SLOW; /* a first write: Python allocates the page */
+    if (st != ST_OK) {
+        unlock_set(e, &ss);
+        return st;
+    }
+    for (uint64_t p = p0; p < p1; p++)
+        store_word(e, p, wv[p] | 1); /* odd: lock-free readers retry or wait */
+    _mm_sfence(); /* the odd counters before any (non-temporal) store of the copy */
+    Cursor c = {v, 0, 0};
+    char *dst = (char *)e->data.buf + off;
+    if (total >= GIL_FREE_BYTES) {
+        Py_BEGIN_ALLOW_THREADS cursor_in(&c, dst, total);
+        Py_END_ALLOW_THREADS
+    } else {
+        cursor_in(&c, dst, total);
+    }
+    _mm_sfence(); /* every store of the copy before the even counters */
+    for (uint64_t p = p0; p < p1; p++) {
+        uint32_t w = wv[p];
+        store_word(e, p, MAPPED | ((w + 1) & SEQ_MASK));
+    }
+    unlock_set(e, &ss);
+    return ST_OK;
+}
+
+/* ------------------------------------------------------------------ the Engine type */
+
+static int get_exact(PyObject *obj, Py_buffer *b, int writable, const char *what) {
+    if (PyObject_GetBuffer(obj, b, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0) {
+        PyErr_Format(PyExc_TypeError, "Engine: %s must be a %sbuffer", what,
+                     writable ? "writable " : "");
+        return -1;
+    }
+    return 0;
+}
+
+static void Engine_dealloc(EngineObject *e) {
+    if (e->have_meta)
+        PyBuffer_Release(&e->meta);
+    if (e->have_data)
+        PyBuffer_Release(&e->data);
+    if (e->have_known)
+        PyBuffer_Release(&e->known);
+    Py_XDECREF(e->base);
+    Py_TYPE(e)->tp_free((PyObject *)e);
+}
+
+static PyTypeObject EngineType;
+
+static int Engine_init(EngineObject *e, PyObject *args, PyObject *kw) {
+    static char *names[] = {"meta",     "data",       "known",    "fd",         "sector_size",
+                            "page_shift", "max_pages", "data_offset", "writable", "base",
+                            "base_pages", NULL};
+    PyObject *meta, *data, *known, *base = Py_None;
+    int fd, writable;
+    unsigned long long sector_size, page_shift, max_pages, data_offset, base_pages = 0;
+    if (e->have_meta) {
+        PyErr_SetString(PyExc_RuntimeError, "Engine is initialised already");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOiKKKKp|OK", names, &meta, &data, &known, &fd,
+                                     &sector_size, &page_shift, &max_pages, &data_offset,
+                                     &writable, &base, &base_pages))
+        return -1;
+    if (page_shift < 12 || page_shift > 16 || sector_size < 512 ||
+        sector_size > (1ull << page_shift) || (sector_size & (sector_size - 1)) || fd < 0 ||
+        max_pages > (1ull << 46) >> page_shift) {
+        PyErr_SetString(PyExc_ValueError, "Engine: bad geometry");
+        return -1;
+    }
+    if (base != Py_None && !PyObject_TypeCheck(base, &EngineType)) {
+        PyErr_SetString(PyExc_TypeError, "Engine: base must be an Engine or None");
+        return -1;
+    }
+    if (get_exact(meta, &e->meta, writable, "meta") < 0)
+        return -1;
+    e->have_meta = 1;
+    if (get_exact(known, &e->known, 1, "known") < 0)
+        return -1;
+    e->have_known = 1;
+    if (data != Py_None) {
+        if (get_exact(data, &e->data, writable, "data") < 0)
+            return -1;
+        e->have_data = 1;
+    } else {
+        memset(&e->data, 0, sizeof e->data);
+    }
+    if ((uint64_t)e->meta.len < MAP_OFFSET + max_pages * 4 ||
+        (uint64_t)e->known.len < (max_pages >> MAP_PAGE_SHIFT) + 1 ||
+        ((uint64_t)e->data.len & ((1ull << page_shift) - 1)) ||
+        (uint64_t)e->data.len > max_pages << page_shift) {
+        PyErr_SetString(PyExc_ValueError, "Engine: buffers do not fit the geometry");
+        return -1;
+    }
+    if (((uintptr_t)e->meta.buf & 63) || ((uintptr_t)e->data.buf & 4095)) {
+        PyErr_SetString(PyExc_ValueError, "Engine: mappings must be page-aligned");
+        return -1;
+    }
+    if (base != Py_None) {
+        int depth = 0;
+        for (EngineObject *b = (EngineObject *)base; b; b = b->base)
+            if (++depth > MAX_CHAIN) {
+                PyErr_SetString(PyExc_ValueError, "Engine: backing chain too deep");
+                return -1;
+            }
+        Py_INCREF(base);
+        e->base = (EngineObject *)base;
+    }
+    e->fd = fd;
+    e->writable = writable;
+    e->sector_size = sector_size;
+    e->page_shift = page_shift;
+    e->max_pages = max_pages;
+    e->data_offset = data_offset;
+    e->base_pages = base_pages;
+    return 0;
+}
+
+static int ready(EngineObject *e) {
+    if (!e->have_meta) {
+        PyErr_SetString(PyExc_RuntimeError, "Engine is not initialised");
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *request(EngineObject *e, PyObject *args, int writing) {
+    long long off;
+    PyObject *bufs;
+    if (!ready(e) || !PyArg_ParseTuple(args, "LO", &off, &bufs))
+        return NULL;
+    Views v;
+    int got = get_views(bufs, !writing, &v);
+    if (got < 0)
+        return NULL;
+    if (got > 0)
+        return PyLong_FromLong(ST_SLOW);
+    int st = writing ? do_write(e, off, &v) : do_read(e, off, &v);
+    release_views(&v);
+    if (st < 0)
+        return NULL;
+    return PyLong_FromLong(st);
+}
+
+static PyObject *Engine_read(EngineObject *e, PyObject *args) { return request(e, args, 0); }
+
+static PyObject *Engine_write(EngineObject *e, PyObject *args) { return request(e, args, 1); }
+
+static int stripe_arg(EngineObject *e, PyObject *args, unsigned long long *s, int need_write) {
+    if (!ready(e) || !PyArg_ParseTuple(args, "K", s))
+        return -1;
+    if (*s >= STRIPES) {
+        PyErr_SetString(PyExc_ValueError, "stripe out of range");
+        return -1;
+    }
+    if (need_write && !e->writable) {
+        PyErr_SetString(PyExc_PermissionError, "a read-only mapping cannot take locks");
+        return -1;
+    }
+    return 0;
+}
+
+/* trylock(stripe) -> 0 (taken, repaired if its holder had died) or an errno (EBUSY, ...) */
+static PyObject *Engine_trylock(EngineObject *e, PyObject *args) {
+    unsigned long long s;
+    if (stripe_arg(e, args, &s, 1) < 0)
+        return NULL;
+    return PyLong_FromLong(try_stripe(e, s));
+}
+
+/* lock(stripe, timeout_ns) -> 0 or an errno (ETIMEDOUT, ...). Waits without the GIL. */
+static PyObject *Engine_lock(EngineObject *e, PyObject *args) {
+    unsigned long long s, ns;
+    if (!ready(e) || !PyArg_ParseTuple(args, "KK", &s, &ns))
+        return NULL;
+    if (s >= STRIPES || !e->writable) {
+        PyErr_SetString(PyExc_ValueError, "stripe out of range or read-only mapping");
+        return NULL;
+    }
+    pthread_mutex_t *m = mutex_of(e, s);
+    struct timespec at;
+    clock_gettime(CLOCK_MONOTONIC, &at);
+    at.tv_sec += (time_t)(ns / 1000000000ull);
+    at.tv_nsec += (long)(ns % 1000000000ull);
+    if (at.tv_nsec >= 1000000000L) {
+        at.tv_sec++;
+        at.tv_nsec -= 1000000000L;
+    }
+    int rc = pthread_mutex_trylock(m);
+    if (rc == EBUSY) {
+        Py_BEGIN_ALLOW_THREADS rc = pthread_mutex_clocklock(m, CLOCK_MONOTONIC, &at);
+        Py_END_ALLOW_THREADS
+    }
+    if (rc == EOWNERDEAD) {
+        repair(e, s);
+        rc = pthread_mutex_consistent(m);
+    }
+    return PyLong_FromLong(rc);
+}
+
+static PyObject *Engine_unlock(EngineObject *e, PyObject *args) {
+    unsigned long long s;
+    if (stripe_arg(e, args, &s, 1) < 0)
+        return NULL;
+    int rc = pthread_mutex_unlock(mutex_of(e, s));
+    if (rc) {
+        errno = rc;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+/* set_intent(stripe, first, count): what the holder of `stripe` is about to change. */
+static PyObject *Engine_set_intent(EngineObject *e, PyObject *args) {
+    unsigned long long s, first, count;
+    if (!ready(e) || !PyArg_ParseTuple(args, "KKK", &s, &first, &count))
+        return NULL;
+    if (s >= STRIPES || !e->writable) {
+        PyErr_SetString(PyExc_ValueError, "stripe out of range or read-only mapping");
+        return NULL;
+    }
+    *(volatile uint64_t *)(slot(e, s) + INTENT_FIRST) = first;
+    *(volatile uint64_t *)(slot(e, s) + INTENT_COUNT) = count;
+    Py_RETURN_NONE;
+}
+
+/* init_stripes(): make every slot a fresh robust, process-shared mutex (the creator only,
+ * before the segment has a name). */
+static PyObject *Engine_init_stripes(EngineObject *e, PyObject *unused) {
+    if (!ready(e))
+        return NULL;
+    if (!e->writable) {
+        PyErr_SetString(PyExc_PermissionError, "a read-only mapping cannot take locks");
+        return NULL;
+    }
+    pthread_mutexattr_t attr;
+    int rc = pthread_mutexattr_init(&attr);
+    if (!rc)
+        rc = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
+    if (!rc)
+        rc = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
+    if (!rc)
+        rc = pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_NORMAL);
+    for (uint64_t s = 0; !rc && s < STRIPES; s++) {
+        memset(slot(e, s), 0, SLOT_SIZE);
+        rc = pthread_mutex_init(mutex_of(e, s), &attr);
+    }
+    pthread_mutexattr_destroy(&attr);
+    if (rc) {
+        errno = rc;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_fence(EngineObject *e, PyObject *unused) {
+    _mm_sfence();
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Engine_methods[] = {
+    {"read", (PyCFunction)Engine_read, METH_VARARGS,
+     "read(offset, buffers) -> status: fill buffers from byte offset, lock-free"},
+    {"write", (PyCFunction)Engine_write, METH_VARARGS,
+     "write(offset, buffers) -> status: a rewrite of mapped pages under their stripes"},
+    {"trylock", (PyCFunction)Engine_trylock, METH_VARARGS,
+     "trylock(stripe) -> 0 or errno; a dead holder's pages are repaired first"},
+    {"lock", (PyCFunction)Engine_lock, METH_VARARGS,
+     "lock(stripe, timeout_ns) -> 0 or errno (ETIMEDOUT); waits without the GIL"},
+    {"unlock", (PyCFunction)Engine_unlock, METH_VARARGS, "unlock(stripe)"},
+    {"set_intent", (PyCFunction)Engine_set_intent, METH_VARARGS,
+     "set_intent(stripe, first_page, page_count)"},
+    {"init_stripes", (PyCFunction)Engine_init_stripes, METH_NOARGS,
+     "init_stripes(): fresh robust process-shared mutexes in every slot"},
+    {"fence", (PyCFunction)Engine_fence, METH_NOARGS, "fence(): order all earlier stores"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmdisk._native.Engine",
+    .tp_basicsize = sizeof(EngineObject),
+    .tp_dealloc = (destructor)Engine_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The page-I/O fast path of one mapping of a segment (see shmdisk/_pageio.py).",
+    .tp_methods = Engine_methods,
+    .tp_init = (initproc)Engine_init,
+    .tp_new = PyType_GenericNew,
+};
+
+static PyObject *mod_repaired_pages(PyObject *m, PyObject *unused) {
+    return PyLong_FromUnsignedLongLong(repaired_pages);
+}
+
+static PyMethodDef module_methods[] = {
+    {"repaired_pages", mod_repaired_pages, METH_NOARGS,
+     "pages this process repaired after a lock holder died"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef native_module = {
+    PyModuleDef_HEAD_INIT, "shmdisk._native",
+    "The common page-I/O requests of shmdisk in C (see shmdisk/_pageio.py).", -1,
+    module_methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    if (PyType_Ready(&EngineType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&native_module);
+    if (!m)
+        return NULL;
+    Py_INCREF(&EngineType);
+    if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) {
+        Py_DECREF(&EngineType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyModule_AddIntConstant(m, "MUTEX_SIZE", (long)sizeof(pthread_mutex_t));
+    PyModule_AddIntConstant(m, "STRIPES", STRIPES);
+    PyModule_AddIntConstant(m, "STRIPE_SHIFT", STRIPE_SHIFT);
+    PyModule_AddIntConstant(m, "SLOT_SIZE", SLOT_SIZE);
+    PyModule_AddIntConstant(m, "LOCK_OFFSET", LOCK_OFFSET);
+    PyModule_AddIntConstant(m, "MAP_OFFSET", MAP_OFFSET);
+    PyModule_AddIntConstant(m, "INTENT_FIRST", INTENT_FIRST);
+    PyModule_AddIntConstant(m, "INTENT_COUNT", INTENT_COUNT);
+    PyModule_AddIntConstant(m, "F_SIZE_SECTORS", F_SIZE_SECTORS);
+    PyModule_AddIntConstant(m, "F_DESTROYED", F_DESTROYED);
+    PyModule_AddIntConstant(m, "F_FROZEN", F_FROZEN);
+    PyModule_AddIntConstant(m, "MAPPED", (long)MAPPED);
+    PyModule_AddIntConstant(m, "ZEROED", (long)ZEROED);
+    PyModule_AddIntConstant(m, "ST_OK", ST_OK);
+    PyModule_AddIntConstant(m, "ST_SLOW", ST_SLOW);
+    PyModule_AddIntConstant(m, "ST_RANGE", ST_RANGE);
+    PyModule_AddIntConstant(m, "ST_GONE", ST_GONE);
+    PyModule_AddIntConstant(m, "ST_READONLY", ST_READONLY);
+    PyModule_AddIntConstant(m, "ST_BASE_GONE", ST_BASE_GONE);
+    return m;
+}
