@@ -178,7 +178,8 @@ class Header:
         w = HEADER.unpack_from(raw)
         n = min(w[F_BASE_NAME_LEN], BASE_NAME_MAX)
         name = raw[BASE_NAME_OFFSET : BASE_NAME_OFFSET + n].decode("ascii", "replace")
-        return cls(*w[:F_BASE_NAME_LEN], base_name=name)
+        names = [f.name for f in fields(cls)][:F_BASE_NAME_LEN]
+        return cls(**dict(zip(names, w, strict=False)), base_name=name)
 
     def words(self) -> list[int]:
         """The N_FIELDS header words, in order."""

@@ -640,10 +640,15 @@ static int ready(EngineObject *e) {
 }
 
 static PyObject *request(EngineObject *e, PyObject *args, int writing) {
-    long long off;
-    PyObject *bufs;
-    if (!ready(e) || !PyArg_ParseTuple(args, "LO", &off, &bufs))
+    PyObject *offobj, *bufs;
+    if (!ready(e) || !PyArg_ParseTuple(args, "O!O", &PyLong_Type, &offobj, &bufs))
         return NULL;
+    int overflow = 0;
+    long long off = PyLong_AsLongLongAndOverflow(offobj, &overflow);
+    if (off == -1 && PyErr_Occurred())
+        return NULL;
+    if (overflow)
+        return PyLong_FromLong(ST_RANGE); /* beyond any disk: Python says how */
     Views v;
     int got = get_views(bufs, !writing, &v);
     if (got < 0)

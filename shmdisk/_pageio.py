@@ -159,8 +159,7 @@ def _fallocate(seg: Segment, offset: int, length: int, what: str) -> None:
         _stripes.punch(seg.fd, offset, length)  # whatever part it did allocate
         if e.errno == errno.ENOSPC:
             raise DiskFullError(
-                f"disk {seg.name!r}: no space left in /dev/shm for the {what}; "
-                "nothing was written"
+                f"disk {seg.name!r}: no space left in /dev/shm for the {what}; nothing was written"
             ) from e
         raise UnknownError(
             e.errno, f"disk {seg.name!r}: allocating {what} failed: {e.strerror}"
@@ -190,7 +189,9 @@ def repair(seg: Segment, s: int) -> None:
             ws = np.where(odd, fixed, ws)
         for x, y, mapped in _pagemap.runs(ws):
             if not mapped:
-                _stripes.punch(seg.fd, seg.data_offset + ((a + x) << seg.shift), (y - x) << seg.shift)
+                _stripes.punch(
+                    seg.fd, seg.data_offset + ((a + x) << seg.shift), (y - x) << seg.shift
+                )
         unit += L.STRIPES
 
 
@@ -203,6 +204,11 @@ def stripes_for(p0: int, p1: int) -> list[int]:
     if r0 <= r1:
         return list(range(r0, r1 + 1))
     return [*range(r1 + 1), *range(r0, L.STRIPES)]
+
+
+def _slow(off: int, buf: Any) -> int:
+    """The fast path of a disconnected handle: always the slow path (which raises)."""
+    return 1
 
 
 def _holder_dead(seg: Segment, s: int) -> bool:
@@ -232,7 +238,7 @@ def _release_after_error(m: Mapping, stripes: Sequence[int]) -> None:
                         table.consistent(s)  # only the python engine can get here
                     table.unlock(s)
                 break
-            except BaseException as e:  # noqa: BLE001 - finish the undo first, raise after
+            except BaseException as e:
                 if isinstance(e, OSError):
                     break
                 pending = e
@@ -268,7 +274,6 @@ def sources(m: Mapping, p0: int, ws: Words) -> list[tuple[int, int, Mapping | No
     ``ws`` are the pages' words in ``m``; odd counters are read past (the caller decided that
     is safe). Pages of an overlay that are neither MAPPED nor ZEROED come from its base.
     """
-    n = len(ws)
     kinds = np.where(ws >= np.uint32(_MAPPED), 1, 0).astype(np.int8)
     if m.base is not None and p0 < m.base_pages:
         via_base = (ws & np.uint32(_MAPPED | _ZEROED)) == 0
@@ -339,8 +344,23 @@ class PageIO:
 
     def __init__(self, name: str, m: Mapping) -> None:
         self.name = name
-        self.m: Mapping | None = m
         self._swap = threading.Lock()
+        self.m: Mapping | None = None
+        # fast_read / fast_write(off, buffer) -> 0 when done, else a reason to take the slow
+        # path: the native engine's calls, or the python engine's one-page paths.
+        self.fast_read: Any = _slow
+        self.fast_write: Any = _slow
+        self.attach(m)
+
+    def attach(self, m: Mapping | None) -> None:
+        """Make ``m`` the current mapping (None: disconnected)."""
+        self.m = m
+        if m is None:
+            self.fast_read = self.fast_write = _slow
+        elif m.native is not None:
+            self.fast_read, self.fast_write = m.native.read, m.native.write
+        else:
+            self.fast_read, self.fast_write = self._py_read_page, self._py_write_page
 
     # ------------------------------------------------------------ checks
 
@@ -352,7 +372,7 @@ class PageIO:
 
     def gone(self) -> None:
         """The disk was destroyed: this handle is disconnected from now on."""
-        self.m = None
+        self.attach(None)
         raise DisconnectedError(f"disk {self.name!r} was destroyed")
 
     def check(self, m: Mapping | None, off: int, total: int, writing: bool) -> Mapping:
@@ -391,7 +411,7 @@ class PageIO:
         if new is not m:
             with self._swap:
                 if self.m is m:
-                    self.m = new
+                    self.attach(new)
         return new
 
     def _check_base(self, m: Mapping) -> None:
@@ -485,7 +505,9 @@ class PageIO:
             if rc != errno.ETIMEDOUT:
                 return int(rc)
 
-    def hold_all(self, wait: bool = True, deadline: float | None = None, intent: tuple[int, int] = (0, 0)) -> Any:
+    def hold_all(
+        self, wait: bool = True, deadline: float | None = None, intent: tuple[int, int] = (0, 0)
+    ) -> Any:
         """Hold every stripe: no page of the disk changes while the block runs."""
         m = self.current()
         return self.holding(m, list(range(L.STRIPES)), intent, wait, deadline)
@@ -501,47 +523,45 @@ class PageIO:
         timeout: float | None = None,
     ) -> None:
         """Fill ``views`` with bytes ``[off, off + total)``: one consistent snapshot."""
+        try:
+            if self.fast_read(off, views[0] if len(views) == 1 else views) == 0:
+                return
+        except OverflowError:
+            pass  # an offset beyond 64 bits: the checks of the slow path say what is wrong
+        self._read_slow(self.m, off, views, total, wait, timeout)
+
+    def _py_read_page(self, off: int, buf: Any) -> int:
+        """The python engine's commonest read, written out flat: one buffer in one page."""
         m = self.m
-        if m is None:
-            raise DisconnectedError(f"disk {self.name!r} is disconnected")
-        nat = m.native
-        if nat is not None:
-            try:
-                if nat.read(off, views[0] if len(views) == 1 else views) == 0:
-                    return
-            except OverflowError:
-                pass  # an offset beyond 64 bits: the checks below say what is wrong
-        else:
-            # The python engine's commonest read, written out flat: one buffer in one page.
-            seg = m.seg
-            hq = seg.hq
-            end = off + total
-            p0 = off >> seg.shift
-            if (
-                total
-                and off >= 0
-                and len(views) == 1
-                and (end - 1) >> seg.shift == p0
-                and end <= m.cap
-                and end <= hq[_F_SIZE] * seg.sector_size
-                and not hq[_F_GONE]
-                and m.base is None
-                and seg.known[p0 >> _MAP_SHIFT]
-            ):
-                wv = seg.wv
-                w = wv[p0]
-                if not w & 1:
-                    if w >= _MAPPED:
-                        views[0][:] = m.dv[off:end]
-                    else:
-                        zero_view(views[0])
-                    if wv[p0] == w:
-                        return
-        self._read_slow(m, off, views, total, wait, timeout)
+        if m is None or type(buf) is list:
+            return 1
+        seg = m.seg
+        hq = seg.hq
+        end = off + len(buf)
+        p0 = off >> seg.shift
+        if (
+            end > off >= 0
+            and (end - 1) >> seg.shift == p0
+            and end <= m.cap
+            and end <= hq[_F_SIZE] * seg.sector_size
+            and not hq[_F_GONE]
+            and m.base is None
+            and seg.known[p0 >> _MAP_SHIFT]
+        ):
+            wv = seg.wv
+            w = wv[p0]
+            if not w & 1:
+                if w >= _MAPPED:
+                    buf[:] = m.dv[off:end]
+                else:
+                    zero_view(memoryview(buf))
+                if wv[p0] == w:
+                    return 0
+        return 1
 
     def _read_slow(
         self,
-        m: Mapping,
+        m: Mapping | None,
         off: int,
         views: Sequence[memoryview],
         total: int,
@@ -611,70 +631,68 @@ class PageIO:
         timeout: float | None = None,
     ) -> None:
         """Write ``views`` at byte ``off``: all of it or (on error) none of it, atomically."""
+        try:
+            if self.fast_write(off, views[0] if len(views) == 1 else views) == 0:
+                return
+        except OverflowError:
+            pass  # an offset beyond 64 bits: the checks of the slow path say what is wrong
+        self._write_slow(self.m, off, views, total, wait, timeout)
+
+    def _py_write_page(self, off: int, buf: Any) -> int:
+        """The python engine's commonest write, written out flat: a rewrite of one page."""
         m = self.m
-        if m is None:
-            raise DisconnectedError(f"disk {self.name!r} is disconnected")
-        nat = m.native
-        if nat is not None:
-            try:
-                if nat.write(off, views[0] if len(views) == 1 else views) == 0:
-                    return
-            except OverflowError:
-                pass  # an offset beyond 64 bits: the checks below say what is wrong
-        elif m.table is not None and len(views) == 1 and not _held.keys:
-            # The python engine's commonest write, written out flat: a rewrite of one page.
-            seg = m.seg
-            hq = seg.hq
-            end = off + total
-            shift = seg.shift
-            p0 = off >> shift
-            if (
-                total
-                and off >= 0
-                and (end - 1) >> shift == p0
-                and end <= m.cap
-                and seg.known[p0 >> _MAP_SHIFT]
-            ):
-                s = (p0 >> L.STRIPE_SHIFT) % L.STRIPES
-                table = m.table
-                keys = _held.keys
-                keys.append(seg.key)
-                try:
-                    rc = table._c.trylock(table.addr[s])
-                    if rc == 0:
-                        lq, wv = seg.lq, seg.wv
-                        lq[s * _SLOT_Q + _I_FIRST] = p0
-                        lq[s * _SLOT_Q + _I_COUNT] = 1
-                        w = wv[p0]
-                        if (
-                            w >= _MAPPED
-                            and not hq[_F_GONE]
-                            and not hq[_F_FROZEN]
-                            and end <= hq[_F_SIZE] * seg.sector_size
-                        ):
-                            wv[p0] = w | 1  # odd: lock-free readers retry or wait
-                            if total >= _FENCE_BYTES:
-                                _stripes.fence()
-                            m.dv[off:end] = views[0]
-                            if total >= _FENCE_BYTES:
-                                _stripes.fence()
-                            wv[p0] = _MAPPED | ((w + 2) & _SEQ)  # even again, one step on
-                            table._c.unlock(table.addr[s])
-                            return
-                        table._c.unlock(table.addr[s])
-                    elif rc == errno.EOWNERDEAD:
-                        table._consistent(s, rc)  # repaired; the slow path takes it again
-                        table._c.unlock(table.addr[s])
-                except BaseException:
-                    _release_after_error(m, [s])
-                    raise
-                finally:
-                    keys.pop()
-        self._write_slow(m, off, views, total, wait, timeout)
+        if m is None or m.table is None or type(buf) is list or _held.keys:
+            return 1
+        seg = m.seg
+        hq = seg.hq
+        total = len(buf)
+        end = off + total
+        shift = seg.shift
+        p0 = off >> shift
+        if not (end > off >= 0 and (end - 1) >> shift == p0 and end <= m.cap):
+            return 1
+        if not seg.known[p0 >> _MAP_SHIFT]:
+            return 1
+        s = (p0 >> L.STRIPE_SHIFT) % L.STRIPES
+        table = m.table
+        keys = _held.keys
+        keys.append(seg.key)
+        try:
+            rc = table.c_trylock(table.addr[s])
+            if rc == 0:
+                lq, wv = seg.lq, seg.wv
+                lq[s * _SLOT_Q + _I_FIRST] = p0
+                lq[s * _SLOT_Q + _I_COUNT] = 1
+                w = wv[p0]
+                if (
+                    w >= _MAPPED
+                    and not hq[_F_GONE]
+                    and not hq[_F_FROZEN]
+                    and end <= hq[_F_SIZE] * seg.sector_size
+                ):
+                    wv[p0] = w | 1  # odd: lock-free readers retry or wait
+                    if total >= _FENCE_BYTES:
+                        _stripes.fence()
+                    m.dv[off:end] = buf
+                    if total >= _FENCE_BYTES:
+                        _stripes.fence()
+                    wv[p0] = _MAPPED | ((w + 2) & _SEQ)  # even again, one step on
+                    table.c_unlock(table.addr[s])
+                    return 0
+                table.c_unlock(table.addr[s])
+            elif rc == errno.EOWNERDEAD:
+                table.after_trylock(s, rc)  # repaired; the slow path takes it again
+                table.c_unlock(table.addr[s])
+        except BaseException:
+            _release_after_error(m, [s])
+            raise
+        finally:
+            keys.pop()
+        return 1
 
     def _write_slow(
         self,
-        m: Mapping,
+        m: Mapping | None,
         off: int,
         views: Sequence[memoryview] | None,
         total: int,
@@ -754,15 +772,15 @@ class PageIO:
         try:
             for a, b, kind in _pagemap.kind_runs(fresh.astype(np.int8)):
                 if kind:
-                    _fallocate(
-                        seg, seg.data_offset + ((p0 + a) << shift), (b - a) << shift, "data"
-                    )
+                    _fallocate(seg, seg.data_offset + ((p0 + a) << shift), (b - a) << shift, "data")
                     done.append((p0 + a, b - a))
                     if b - a >= 4 and m.data is not None:
                         # One call instead of a page fault per page: a first write of 256 KiB
                         # runs about 1.5x faster. Only a hint: old kernels say EINVAL.
                         try:
-                            m.data.madvise(_MADV_POPULATE_WRITE, (p0 + a) << shift, (b - a) << shift)
+                            m.data.madvise(
+                                _MADV_POPULATE_WRITE, (p0 + a) << shift, (b - a) << shift
+                            )
                         except OSError:
                             pass
             allocate_map(seg, p0, p0 + len(fresh))
@@ -774,7 +792,7 @@ class PageIO:
     # ------------------------------------------------------------ zeroing and shrinking
 
     def zero(self, a: int, b: int, unmap: bool) -> None:
-        """Bytes ``[a, b)`` read as zeros from now on; with ``unmap`` whole pages give memory back."""
+        """Bytes ``[a, b)`` read as zeros from now on; ``unmap``: whole pages give memory back."""
         m = self.check(self.m, a, b - a, writing=True)
         if a == b:
             return
@@ -802,7 +820,9 @@ class PageIO:
                     parts.append((full_hi, full_hi << shift, b))
                 self._zero_and_drop(m, parts, full_lo, full_hi)
 
-    def _zero_and_drop(self, m: Mapping, parts: list[tuple[int, int, int]], lo: int, hi: int) -> None:
+    def _zero_and_drop(
+        self, m: Mapping, parts: list[tuple[int, int, int]], lo: int, hi: int
+    ) -> None:
         """Zero byte ranges ``(page, start, end)`` in place and drop whole pages ``[lo, hi)``.
 
         The caller holds all these pages. For lock-free readers it must look like one step:
@@ -932,7 +952,9 @@ class PageIO:
             if mapped:
                 # Jump to the first page that could hold data here or below.
                 own = _pagemap.scan(seg.fd, seg.words, p, end, True)
-                below = self.scan(m.base, p, min(end, m.base_pages), True) if p < m.base_pages else end
+                below = (
+                    self.scan(m.base, p, min(end, m.base_pages), True) if p < m.base_pages else end
+                )
                 p = min(own, below if below < min(end, m.base_pages) else end)
                 if p >= end:
                     return end

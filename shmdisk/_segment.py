@@ -69,8 +69,9 @@ def validate_mode(mode: object) -> int:
     if not isinstance(mode, int) or isinstance(mode, bool):
         raise InvalidModeError(f"mode must be an int such as 0o600, not {type(mode).__name__}")
     if not 0 <= mode <= 0o777:
-        raise InvalidModeError(f"mode {mode:#o} is outside 0..0o777" if mode >= 0 else
-                               f"mode {mode} is negative")
+        raise InvalidModeError(
+            f"mode {mode:#o} is outside 0..0o777" if mode >= 0 else f"mode {mode} is negative"
+        )
     return mode
 
 
@@ -401,14 +402,14 @@ def destroy_segment(
         if header.frozen and not force:
             users = overlays_of(name, header)
             if users:
-                e = DiskBusyError(
+                busy = DiskBusyError(
                     errno.EBUSY,
                     f"disk {name!r} backs overlays {', '.join(users)}: destroy them first "
                     "(or force it, and they lose their base)",
                     path,
                 )
-                e.overlays = users  # type: ignore[attr-defined]
-                raise e
+                busy.overlays = users  # type: ignore[attr-defined]
+                raise busy
         _destroy_locked(name, fd, fst, header, timeout)
     finally:
         os.close(fd)
@@ -567,9 +568,7 @@ def inspect(name: str) -> SegmentInfo:
         os.close(fd)
 
 
-def _file_only(
-    name: str, path: str, st: os.stat_result, state: str, problem: str
-) -> SegmentInfo:
+def _file_only(name: str, path: str, st: os.stat_result, state: str, problem: str) -> SegmentInfo:
     """What inspect says of an entry it cannot read as a segment."""
     return SegmentInfo(
         name=name,

@@ -155,8 +155,14 @@ class CtypesTable:
         assert _libc is not None
         self._c = _libc
         self._repair = repair
+        self.c_trylock = _libc.trylock  # for the python engine's one-page write path
+        self.c_unlock = _libc.unlock
         self.addr = [ctypes.c_void_p(base + s * L.SLOT_SIZE) for s in range(L.STRIPES)]
         self._intent = (ctypes.c_uint64 * (L.STRIPES * L.SLOT_SIZE // 8)).from_address(base)
+
+    def after_trylock(self, s: int, rc: int) -> int:
+        """What a trylock's ``rc`` means once a dead holder's stripe is repaired."""
+        return self._consistent(s, rc)
 
     def _consistent(self, s: int, rc: int) -> int:
         if rc == errno.EOWNERDEAD:

@@ -23,9 +23,9 @@ from ._mapping import Mapping, Segment
 from .errors import (
     BackingLostError,
     BadBufferError,
+    DiskExistsError,
     DiskNotFoundError,
     InvalidArgumentError,
-    DiskExistsError,
     InvalidGeometryError,
     IsReadOnlyError,
     NotFrozenError,
@@ -56,14 +56,11 @@ __all__ = [
 # Buffer formats a disk copies into and out of: bytes and plain numbers. An object array
 # ('O') filled with raw bytes crashes the interpreter at its next use; structured and
 # pointer formats are refused for the same reason.
-_PLAIN = frozenset("cbB?hHiIlLqQnNefdg")
-
-
-def _plain(fmt: str) -> bool:
-    f = fmt[1:] if fmt[:1] in ("@", "=", "<", ">", "!") else fmt
-    if f[:1] == "Z":
-        return f[1:] in ("f", "d", "g")
-    return len(f) == 1 and f in _PLAIN
+_PLAIN = frozenset(
+    prefix + code
+    for prefix in ("", "@", "=", "<", ">", "!")
+    for code in [*"cbB?hHiIlLqQnNefdg", "Zf", "Zd", "Zg"]
+)
 
 
 @dataclass(frozen=True)
@@ -123,7 +120,7 @@ def _byte_view(b: object, writable: bool) -> memoryview:
         ) from None
     except ValueError as e:  # a released memoryview, a numpy dtype without buffer support
         raise BadBufferError(f"unusable buffer: {e}") from e
-    if not _plain(v.format):
+    if v.format != "B" and v.format not in _PLAIN:
         raise BadBufferError(
             f"buffer format {v.format!r} is not plain bytes or numbers (object and structured "
             "arrays cannot be filled with raw bytes)"
@@ -133,6 +130,20 @@ def _byte_view(b: object, writable: bool) -> memoryview:
     if not v.c_contiguous:
         raise BadBufferError("buffers must be C-contiguous")
     return v if v.ndim == 1 and v.format == "B" else v.cast("B")
+
+
+def _flat_bytes(b: object, writable: bool) -> bool:
+    """Whether ``b`` can go to the fast paths as it is: plain, flat, contiguous bytes."""
+    t = type(b)
+    if t is bytearray or (t is bytes and not writable):
+        return True
+    return (
+        isinstance(b, memoryview)
+        and b.format == "B"
+        and b.ndim == 1
+        and b.c_contiguous
+        and not (writable and b.readonly)
+    )
 
 
 # Every live handle, so a forked child can let go of what it inherited mid-call.
@@ -225,7 +236,10 @@ class Disk:
             # The common case, checked without building views.
             n = len(buffers)
             if not n % ss:
-                return self._io.read(sector * ss, (buffers,), n, wait)  # type: ignore[arg-type]
+                io = self._io
+                if n and io.fast_read(sector * ss, buffers) == 0:
+                    return None
+                return io.read(sector * ss, (buffers,), n, wait)  # type: ignore[arg-type]
         views, total = self._views(buffers, True)
         off = _index(sector, "sector") * ss
         self._io.read(off, views, total, wait, _timeout(timeout))
@@ -243,7 +257,10 @@ class Disk:
             # The common case: a plain byte buffer is copied from as it is.
             n = len(buffers)  # type: ignore[arg-type]
             if not n % self._ss:
-                return self._io.write(sector * self._ss, (buffers,), n, wait)  # type: ignore[arg-type]
+                io = self._io
+                if n and io.fast_write(sector * self._ss, buffers) == 0:
+                    return None
+                return io.write(sector * self._ss, (buffers,), n, wait)  # type: ignore[arg-type]
         views, total = self._views(buffers, False)
         off = _index(sector, "sector") * self._ss
         self._io.write(off, views, total, wait, _timeout(timeout))
@@ -252,6 +269,11 @@ class Disk:
         self, offset: int, buffer: Buffer, *, wait: bool = True, timeout: float | None = None
     ) -> None:
         """Fill ``buffer`` from byte ``offset``; any alignment, atomic like ``read``."""
+        if type(offset) is int and timeout is None and _flat_bytes(buffer, True):
+            io = self._io
+            if buffer and io.fast_read(offset, buffer) == 0:
+                return
+            return io.read(offset, (buffer,), len(buffer), wait)  # type: ignore[arg-type]
         v = _byte_view(buffer, True)
         self._io.read(_index(offset, "offset"), (v,), len(v), wait, _timeout(timeout))
 
@@ -259,13 +281,18 @@ class Disk:
         self, offset: int, data: Buffer, *, wait: bool = True, timeout: float | None = None
     ) -> None:
         """Write ``data`` at byte ``offset``; any alignment, atomic like ``write``."""
+        if type(offset) is int and timeout is None and _flat_bytes(data, False):
+            io = self._io
+            if data and io.fast_write(offset, data) == 0:
+                return
+            return io.write(offset, (data,), len(data), wait)  # type: ignore[arg-type]
         v = _byte_view(data, False)
         self._io.write(_index(offset, "offset"), (v,), len(v), wait, _timeout(timeout))
 
     def _views(self, buffers: object, writable: bool) -> tuple[list[memoryview], int]:
         """Byte views of the caller's buffers and their total length, all checked."""
         items: Iterable[object] = (
-            buffers if type(buffers) is list or type(buffers) is tuple else (buffers,)  # type: ignore[assignment]
+            buffers if type(buffers) is list or type(buffers) is tuple else (buffers,)
         )
         views = []
         total = 0
@@ -441,7 +468,7 @@ class Disk:
         """
         io = getattr(self, "_io", None)
         if io is not None:
-            io.m = None
+            io.attach(None)
 
     def __enter__(self) -> Disk:
         return self
@@ -470,7 +497,8 @@ class Disk:
 
 
 def _layer_of(m: Mapping, src: Mapping | None) -> tuple[int | None, str | None]:
-    depth, b = 0, m
+    depth = 0
+    b: Mapping | None = m
     while b is not None:
         if b is src:
             return depth, b.seg.name
@@ -564,7 +592,9 @@ def create(
     base_name = ""
     if backing is not None:
         base_name = _segment.validate_name(backing)
-        base_header, size_sectors, sector_size = _base_for(base_name, owner_uid, size_sectors, sector_size)
+        base_header, size_sectors, sector_size = _base_for(
+            base_name, owner_uid, size_sectors, sector_size
+        )
     if size_sectors is None:
         raise InvalidGeometryError("size_sectors is needed (only an overlay takes its base's)")
     if sector_size is None:
@@ -573,7 +603,9 @@ def create(
         name, size_sectors, sector_size, mode, max_size_sectors, base_header, base_name
     )
     try:
-        disk = _handle(name, _segment.Made(os.dup(made.fd), made.header, made.path), False, owner_uid)
+        disk = _handle(
+            name, _segment.Made(os.dup(made.fd), made.header, made.path), False, owner_uid
+        )
         _segment.publish(made, name)
     finally:
         os.close(made.fd)
@@ -706,7 +738,9 @@ def copy(
                 dst, size, seg.sector_size, new_mode, max(size, max_sectors)
             )
             try:
-                d = _handle(dst, _segment.Made(os.dup(made.fd), made.header, made.path), False, None)
+                d = _handle(
+                    dst, _segment.Made(os.dup(made.fd), made.header, made.path), False, None
+                )
                 try:
                     _copy_data(s, d, progress)
                     _segment.publish(made, dst)
