@@ -145,3 +145,72 @@ def child_exit_code_after(fn: Any, *args: Any) -> None:
     except BaseException:
         os._exit(2)
     os._exit(0 if ok else 1)
+
+
+def engine_of_child() -> str | None:
+    """The engine a child process runs (the parent picks it with SHMDISK_NO_EXTENSIONS)."""
+    return shmdisk.ENGINE
+
+
+def stamp_writes(name: str, sector: int, n_bytes: int, seconds: float, tag: int) -> int:
+    """Write the range over and over; every write is one byte value repeated (tag-dependent)."""
+    done = 0
+    with shmdisk.connect(name, create=False) as d:
+        end = time.monotonic() + seconds
+        buf = bytearray(n_bytes)
+        while time.monotonic() < end:
+            buf[:] = bytes([(tag * 37 + done) % 251 + 1]) * n_bytes
+            d.write(sector, buf)
+            done += 1
+    return done
+
+
+def hold_all_then_die(name: str, ready: Any, odd_pages: list[int]) -> None:
+    """Take every stripe of the disk (as resize does), leave pages odd as a writer killed in
+    the middle would, with their first bytes scribbled, and wait to be killed."""
+    d = shmdisk.connect(name, create=False)
+    io = d._io
+    m = io.current()
+    with io.holding(m, list(range(_layout.STRIPES)), (0, m.seg.max_pages)):
+        for p in odd_pages:
+            make_odd(d, p)
+            m.dv[p * d.page_size : p * d.page_size + 4] = b"dead"
+        ready.set()
+        time.sleep(3600)
+
+
+def die_mid_first_write(name: str, ready: Any, page: int) -> None:
+    """A first write into ``page`` killed after its data landed but before its word said so:
+    the page holds bytes (and memory) while the map calls it unmapped."""
+    d = shmdisk.connect(name, create=False)
+    io = d._io
+    m = io.current()
+    seg = m.seg
+    with io.holding(m, _pageio.stripes_for(page, page + 1), (page, 1)):
+        _pageio.allocate_map(seg, page, page + 1)
+        os.posix_fallocate(seg.fd, seg.data_offset + page * d.page_size, d.page_size)
+        make_odd(d, page)
+        m.dv[page * d.page_size : (page + 1) * d.page_size] = b"OLD!" * (d.page_size // 4)
+        ready.set()
+        time.sleep(3600)
+
+
+def hold_page_and_stop(name: str, ready: Any, page: int) -> None:
+    """Take a page's stripe, then stop (SIGSTOP) while holding it."""
+    d = shmdisk.connect(name, create=False)
+    with hold_pages(d, page, page + 1):
+        ready.set()
+        os.kill(os.getpid(), 19)  # SIGSTOP
+        time.sleep(3600)
+
+
+def read_only_reader(name: str, ready: Any, stop: Any) -> int:
+    """A read-only handle reading the start of the disk in a loop."""
+    reads = 0
+    with shmdisk.connect(name, read_only=True, create=False) as d:
+        buf = bytearray(8 * 4096)
+        ready.set()
+        while not stop.is_set():
+            d.read(0, buf)
+            reads += 1
+    return reads
