@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import new_name
+from _helpers import new_name
 
 import shmdisk
 from shmdisk import _layout as L
