@@ -19,6 +19,7 @@ format of a segment), ``_locks.py`` (the locking protocol).
 
 from ._layout import DEFAULT_SECTOR_SIZE, DEFAULT_SIZE_SECTORS
 from ._segment import SEGMENT_PREFIX, SegmentInfo, inspect, list_disks, segment_path
+from ._version import __version__
 from .disk import Disk, DiskInfo, Extent, connect, create, destroy
 from .errors import (
     BadBufferError,
@@ -39,8 +40,6 @@ from .errors import (
     UnknownError,
     WouldBlockError,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_SECTOR_SIZE",
