@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _helpers import as_other_user
 
 import shmdisk
 from shmdisk import _layout  # only to forge a segment of a future layout version
@@ -346,6 +347,40 @@ def test_tools_shmdisk_ls_runs_from_a_checkout_without_install() -> None:
     r = subprocess.run([str(LS_TOOL), "--json"], cwd="/", capture_output=True, timeout=60, env=env)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["version"] == 1
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_ls_and_info_as_another_user_list_every_disk(names: list[str]) -> None:
+    """uid 65534 sees root's 0600 disk as unreadable with RW --, the 0644 one as ro; exit 0."""
+    from shmdisk import cli
+
+    private, shared = new(names), new(names)
+    shmdisk.create(private, 2048).disconnect()
+    with shmdisk.create(shared, 2048, mode=0o644) as d:
+        d.write(0, b"\x01" * 4096)
+    code, out, err = as_other_user(lambda: cli.main(["ls", "--json"]))
+    assert (code, err) == (0, ""), err
+    disks = {e["name"]: e for e in json.loads(out)["disks"]}
+    p, s = disks[private], disks[shared]
+    assert (p["state"], p["access"], p["owner"], p["mode"]) == ("unreadable", "--", "root", "0600")
+    assert p["size_sectors"] is None and p["uid"] == 0
+    assert p["allocated_bytes"] == shmdisk.inspect(private).allocated_bytes
+    assert (s["state"], s["access"], s["size_sectors"], s["mapped_pages"]) == ("ok", "ro", 2048, 1)
+
+    code, out, err = as_other_user(
+        lambda: cli.ls_main(["-o", "NAME,SIZE,RW,OWNER,MODE,STATE", private, shared])
+    )
+    assert (code, err) == (0, ""), err
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:]}
+    assert rows[private] == ["-", "--", "root", "0600", "unreadable"]
+    assert rows[shared] == ["1M", "ro", "root", "0644", "ok"]
+
+    code, out, err = as_other_user(lambda: cli.main(["info", private]))
+    assert (code, err) == (0, ""), err
+    fields = dict(line.split(":", 1) for line in out.splitlines())
+    assert fields["state"].strip() == "unreadable"
+    assert fields["owner"].strip() == "root:root, mode 0600 (-- for you)"
 
 
 # ------------------------------------------------------------------------------------------

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import grp
 import os
 import pwd
+import stat
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -35,8 +37,6 @@ def _owner(uid: int | None) -> str:
 def _group(gid: int | None) -> str:
     if gid is None:
         return "-"
-    import grp  # local: only `info` needs group names
-
     try:
         return grp.getgrgid(gid).gr_name
     except KeyError:
@@ -178,6 +178,36 @@ def _entry(info: shmdisk.SegmentInfo, holders: set[int] | None) -> dict[str, Any
     }
 
 
+#: The state of a segment this user may not open: its header, and so its geometry, is unknown.
+UNREADABLE = "unreadable"
+
+
+def _unreadable(name: str) -> shmdisk.SegmentInfo:
+    """What the file of a segment this user may not read still shows: owner, mode, memory."""
+    path = shmdisk.segment_path(name)
+    st = os.lstat(path)
+    return shmdisk.SegmentInfo(
+        name=name,
+        path=path,
+        state=UNREADABLE,
+        problem=None,
+        sector_size=None,
+        page_size=None,
+        size_sectors=None,
+        max_size_sectors=None,
+        mapped_pages=None,
+        generation=None,
+        created_ns=None,
+        creator_pid=None,
+        creator_uid=None,
+        uid=st.st_uid,
+        gid=st.st_gid,
+        mode=stat.S_IMODE(st.st_mode),
+        file_bytes=st.st_size,
+        allocated_bytes=st.st_blocks * 512,
+    )
+
+
 def inspect_all(names: Sequence[str]) -> tuple[list[dict[str, Any]], list[str]]:
     """Entries for ``names`` (all disks when empty) and error lines for names that failed."""
     explicit = bool(names)
@@ -193,6 +223,14 @@ def inspect_all(names: Sequence[str]) -> tuple[list[dict[str, Any]], list[str]]:
             # Destroyed between list_disks() and inspect(): only worth an error when asked for.
             if explicit:
                 errors.append(f"no such disk: {name}")
+        except shmdisk.PermissionDeniedError:
+            # Another user's disk that this user may not read: still a disk on the machine, so
+            # it is listed with what its file shows, and with "--" for what this user may do.
+            try:
+                infos.append(_unreadable(name))
+            except FileNotFoundError:
+                if explicit:
+                    errors.append(f"no such disk: {name}")
         except (shmdisk.ShmdiskError, OSError) as exc:
             errors.append(f"{name}: {describe(exc)}")
     holders, complete = _scan_holders({i.path for i in infos})
@@ -338,9 +376,10 @@ def add_ls_arguments(p: argparse.ArgumentParser) -> None:
 LS_DESCRIPTION = """\
 List every shmdisk on the machine (or only NAME...), like lsblk: size, sector and page size,
 how much holds data (MAPPED, USE%), the memory the segment really uses (MEM), what you may do
-with it (RW), owner, mode, creation time, the processes holding it open (HOLDERS, "?" when not
-every process can be looked at) and its STATE. A corrupt, half-created or foreign-version
-segment is listed with its state and never modified."""
+with it (RW: rw, ro or --), owner, mode, creation time, the processes holding it open (HOLDERS,
+"?" when not every process can be looked at) and its STATE. A corrupt, half-created or
+foreign-version segment is listed with its state and never modified; another user's disk that
+you may not read is listed as unreadable, with its owner, mode and memory."""
 
 LS_EPILOG = """\
 examples:
