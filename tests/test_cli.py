@@ -349,6 +349,23 @@ def test_tools_shmdisk_ls_runs_from_a_checkout_without_install() -> None:
     assert json.loads(r.stdout)["version"] == 1
 
 
+@pytest.mark.parametrize("missing", ["posix_ipc", "numpy"])
+def test_tools_shmdisk_ls_names_a_missing_dependency_in_one_line(missing: str) -> None:
+    """Without posix_ipc (or numpy) tools/shmdisk-ls says what to install, not a traceback."""
+    hide = (
+        f"import runpy, sys; sys.modules[{missing!r}] = None; sys.argv = [sys.argv[1]];"
+        " runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run(
+        [sys.executable, "-c", hide, str(LS_TOOL)], capture_output=True, timeout=60, env=env
+    )
+    assert r.returncode == 1 and r.stdout == b""
+    (line,) = r.stderr.decode().splitlines()
+    assert line.startswith(f"shmdisk-ls: error: the Python package {missing} is missing;")
+    assert "python3 -m pip install 'posix_ipc>=1.1' 'numpy>=1.24'" in line
+
+
 @pytest.mark.root
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
 def test_ls_and_info_as_another_user_list_every_disk(names: list[str]) -> None:
