@@ -471,6 +471,35 @@ def test_resize(names: list[str]) -> None:
     assert "no such disk" in fails("resize", f"test-cli-nothere-{os.getpid()}", "1M")
 
 
+def test_limits_are_explained_in_the_command_lines_terms(names: list[str]) -> None:
+    """Growing past --max-size, or a --max-size below SIZE, names the option, not the API."""
+    n = new(names)
+    ok("create", n, "1M", "--max-size", "2M")
+    line = fails("resize", n, "3M")
+    assert line == (
+        f"shmdisk: error: disk {n} may grow to 4096 sectors (2 MiB) at most, the limit set"
+        " when it was created (shmdisk create --max-size); nothing changed"
+    )
+    assert shmdisk.inspect(n).size_sectors == 2048
+    line = fails("create", new(names), "1M", "--max-size", "512K")
+    assert line.startswith("shmdisk: error: --max-size 512K (1024 sectors) must lie between SIZE")
+    for text in (line, fails("create", new(names), "1M", "--max-size", "1P")):
+        assert "max_size_sectors" not in text and "create(" not in text
+
+
+def test_unusable_segments_name_the_destroy_command(names: list[str]) -> None:
+    """A corrupt or never-finished segment: the error says `shmdisk destroy NAME`, not Python."""
+    garbage, empty = new(names, "garbage"), new(names, "empty")
+    Path(shmdisk.segment_path(garbage)).write_bytes(b"\x5a" * 5000)
+    Path(shmdisk.segment_path(empty)).write_bytes(b"")  # a creator that died before its header
+    for name, state in ((garbage, "corrupt"), (empty, "incomplete")):
+        line = fails("map", name)
+        assert line.startswith(f"shmdisk: error: disk {name} cannot be used ({state}"), line
+        assert line.endswith(f"; `shmdisk destroy {name}` removes it")
+        assert "shmdisk.destroy(" not in line
+    ok("destroy", garbage, empty)
+
+
 def test_map_json_matches_extents_and_picture(names: list[str]) -> None:
     """map --json is Disk.extents; the picture shades each cell by how much of it holds data."""
     n = new(names)
@@ -557,6 +586,24 @@ def test_export_to_redirected_stdout_is_sparse(names: list[str], tmp_path: Path)
     assert r.returncode == 0, r.stderr
     assert target.read_bytes() == read_all(n)
     assert target.stat().st_blocks * 512 <= 2 * PAGE
+
+
+def test_export_to_a_reader_that_goes_away_exits_quietly(names: list[str]) -> None:
+    """`shmdisk export NAME - | head -c 100`: status 141 like any filter, nothing on stderr."""
+    n = new(names)
+    shmdisk.create(n, (64 << 20) // 512).disconnect()  # 64 MiB of zeros: more than a pipe holds
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shmdisk", "export", "-q", n, "-"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ENV,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.read(100) == bytes(100)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141
+    assert err == b""
 
 
 def test_import_refusals_write_nothing(names: list[str], tmp_path: Path) -> None:
@@ -721,12 +768,21 @@ def test_every_subcommand_help_has_an_example(command: str) -> None:
     assert "example" in out and f"shmdisk {command}" in out
 
 
+def test_export_help_says_holes_where_the_disk_has_holes() -> None:
+    """The sparse-file sentence says it the right way round."""
+    text = " ".join(ok("export", "--help").split())
+    assert "gets holes where the disk has holes" in text and "has none" not in text
+
+
 def test_usage_errors_exit_2_and_serve_is_registered() -> None:
     """Unknown commands and options are usage errors (2); serve comes from the NBD module."""
     r = run("frobnicate")
     assert r.returncode == 2 and b"invalid choice" in r.stderr
     assert run("ls", "--bogus").returncode == 2
-    assert run().returncode == 2
+    bare = run()  # no command: a usage error that lists the commands
+    assert bare.returncode == 2 and bare.stdout == b""
+    for command in ("ls", "info", "create", "destroy", "resize", "map", "import", "export"):
+        assert re.search(rf"^ +{command} +\w", bare.stderr.decode(), re.M), command
     assert run("--bogus", tool=LS_TOOL).returncode == 2
     assert "serve" in ok("--help")
     assert run("serve", "--help").returncode == 0

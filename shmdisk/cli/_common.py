@@ -1,4 +1,4 @@
-"""What every subcommand shares: the error type, output (errors, tables, the ``--json``
+"""What every subcommand shares: the error types, output (errors, tables, the ``--json``
 envelope), connecting without creating, and argument types."""
 
 from __future__ import annotations
@@ -77,13 +77,36 @@ def disk_exists(name: str) -> bool:
     return os.path.lexists(shmdisk.segment_path(name))
 
 
-@contextlib.contextmanager
-def connect(name: str, *, read_only: bool) -> Iterator[shmdisk.Disk]:
-    """Connect to an existing disk; never create one as a side effect of looking at it."""
+def open_disk(name: str, *, read_only: bool) -> shmdisk.Disk:
+    """Connect to an existing disk; never create one as a side effect of looking at it.
+
+    The library's own messages for a missing or unusable disk speak of its Python API; here
+    they become the command line's (``shmdisk destroy NAME`` removes a broken segment).
+    """
     try:
-        disk = shmdisk.connect(name, read_only=read_only, create=False)
+        return shmdisk.connect(name, read_only=read_only, create=False)
     except shmdisk.DiskNotFoundError:
         raise CliError(f"no such disk: {name}") from None
+    except shmdisk.CorruptSegmentError as exc:
+        raise _unusable(name, exc) from None
+
+
+def _unusable(name: str, exc: shmdisk.CorruptSegmentError) -> Exception:
+    """A segment connect refused: what ``inspect`` calls it, and how to remove it."""
+    try:
+        info = shmdisk.inspect(name)
+    except (shmdisk.ShmdiskError, OSError):
+        return exc
+    if info.state == "ok":  # it was finished (or re-created) since: the refusal stands alone
+        return exc
+    what = info.state if info.problem is None else f"{info.state}: {info.problem}"
+    return CliError(f"disk {name} cannot be used ({what}); `shmdisk destroy {name}` removes it")
+
+
+@contextlib.contextmanager
+def connect(name: str, *, read_only: bool) -> Iterator[shmdisk.Disk]:
+    """``open_disk`` for the length of a ``with`` block."""
+    disk = open_disk(name, read_only=read_only)
     try:
         yield disk
     finally:

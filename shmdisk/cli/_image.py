@@ -17,7 +17,15 @@ from typing import IO, Any
 import shmdisk
 from shmdisk._units import format_bytes, format_bytes_long
 
-from ._common import CliError, connect, disk_exists, print_json, sector_size_arg, subcommand
+from ._common import (
+    CliError,
+    connect,
+    disk_exists,
+    open_disk,
+    print_json,
+    sector_size_arg,
+    subcommand,
+)
 
 _CHUNK = 1 << 20  # bytes per read/write while copying images: large enough to run at memcpy speed
 
@@ -180,7 +188,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         if exists:
             if not os.access(shmdisk.segment_path(name), os.W_OK):
                 raise CliError(f"disk {name} is read-only for this user; nothing written")
-            disk = shmdisk.connect(name, create=False)
+            disk = open_disk(name, read_only=False)
             if not disk.get_info().read_write:
                 raise CliError(f"disk {name} is read-only; nothing written")
             sector_size = disk.sector_size
@@ -489,8 +497,8 @@ def register(sub: Any) -> None:
         sub,
         "export",
         "copy a disk out to a raw image file",
-        "Only data is written: a regular output file gets holes where the disk has none, so it\n"
-        "takes no more room than the data. To a pipe ('-' for stdout) holes go out as zeros.\n"
+        "Only data is written: a regular output file gets holes where the disk has holes, so\n"
+        "it takes no more room than the data. To a pipe ('-' for stdout) holes go out as zeros.\n"
         "\nexample:\n  shmdisk export scratch disk.img\n"
         "  shmdisk export scratch - | gzip > disk.img.gz",
     )
