@@ -588,6 +588,47 @@ def test_export_to_redirected_stdout_is_sparse(names: list[str], tmp_path: Path)
     assert target.stat().st_blocks * 512 <= 2 * PAGE
 
 
+def test_export_file_gets_the_disks_mode_and_never_follows_a_symlink(
+    names: list[str], tmp_path: Path
+) -> None:
+    """A new image has the disk's mode (0600 by default); an existing path needs --force."""
+    private, shared = new(names), new(names)
+    for n, mode in ((private, 0o600), (shared, 0o640)):
+        with shmdisk.create(n, 64, mode=mode) as d:
+            d.write(0, b"s" * 512)
+    for n, mode in ((private, 0o600), (shared, 0o640)):
+        out = tmp_path / f"{n}.img"
+        r = subprocess.run(
+            [sys.executable, "-m", "shmdisk", "export", "-q", n, str(out)],
+            capture_output=True,
+            timeout=60,
+            env=ENV,
+            preexec_fn=lambda: os.umask(0o022),  # a umask may narrow the mode, never widen it
+        )
+        assert r.returncode == 0, r.stderr
+        assert out.stat().st_mode & 0o777 == mode
+        assert out.read_bytes() == read_all(n)
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    link = tmp_path / "link.img"
+    link.symlink_to(victim)
+    dangling = tmp_path / "dangling.img"
+    dangling.symlink_to(tmp_path / "made-through-a-link")
+    assert fails("export", private, str(link)) == (
+        f"shmdisk: error: {link} is a symbolic link; nothing written (add --force to overwrite it)"
+    )
+    assert "symbolic link" in fails("export", private, str(dangling))
+    assert not (tmp_path / "made-through-a-link").exists()
+    assert victim.read_bytes() == b"keep me"
+    existing = tmp_path / f"{private}.img"
+    assert fails("export", private, str(existing)).endswith(
+        "is there already; nothing written (add --force to overwrite it)"
+    )
+    ok("export", "-q", "--force", private, str(link))  # asked to: through the link
+    assert victim.read_bytes() == read_all(private)
+
+
 def test_export_to_a_reader_that_goes_away_exits_quietly(names: list[str]) -> None:
     """`shmdisk export NAME - | head -c 100`: status 141 like any filter, nothing on stderr."""
     n = new(names)

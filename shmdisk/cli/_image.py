@@ -324,7 +324,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             fd = sys.stdout.fileno()
             own_fd = False
         else:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            fd = _open_target(path, _image_mode(name), args.force)
             own_fd = True
         try:
             st = os.fstat(fd)
@@ -364,6 +364,31 @@ def cmd_export(args: argparse.Namespace) -> int:
             file=status,
         )
     return 0
+
+
+def _image_mode(name: str) -> int:
+    """Permission bits for a new image of disk ``name``: the disk's own, less any execute bit.
+
+    An image holds the disk's bytes, so it is no more open than the disk: the default 0600 disk
+    gives a 0600 file (the umask may narrow it further, never widen it).
+    """
+    return stat.S_IMODE(os.stat(shmdisk.segment_path(name)).st_mode) & 0o666
+
+
+def _open_target(path: str, mode: int, force: bool) -> int:
+    """Open the image file for writing.
+
+    Without ``force`` only a new file is made (``O_EXCL``, which also never follows a symlink):
+    a file, link or device already at ``path`` may be someone else's, and writing the disk into
+    it could hand them its contents. ``--force`` overwrites what is there, through a symlink
+    too, keeping an existing file's own permissions.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+    try:
+        return os.open(path, flags if force else flags | os.O_EXCL, mode)
+    except FileExistsError:
+        what = "a symbolic link" if os.path.islink(path) else "there already"
+        raise CliError(f"{path} is {what}; nothing written (add --force to overwrite it)") from None
 
 
 def _fd_flags(fd: int) -> int:
@@ -499,11 +524,20 @@ def register(sub: Any) -> None:
         "copy a disk out to a raw image file",
         "Only data is written: a regular output file gets holes where the disk has holes, so\n"
         "it takes no more room than the data. To a pipe ('-' for stdout) holes go out as zeros.\n"
+        "A new FILE gets the disk's permission bits (0600 for a default disk); an existing one,\n"
+        "or a symlink, is refused unless --force.\n"
         "\nexample:\n  shmdisk export scratch disk.img\n"
+        "  shmdisk export --force scratch /dev/nbd0\n"
         "  shmdisk export scratch - | gzip > disk.img.gz",
     )
     p.add_argument("name", metavar="NAME")
     p.add_argument("file", metavar="FILE")
+    p.add_argument(
+        "-f",
+        "--force",
+        action="store_true",
+        help="overwrite FILE if it exists (following a symlink there)",
+    )
     _add_progress(p)
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     p.add_argument("--json", action="store_true", help="print a summary as JSON")
