@@ -701,6 +701,31 @@ def test_progress_bar_only_when_asked_or_on_a_terminal(names: list[str], tmp_pat
     assert r.returncode == 0 and b"%" not in r.stderr
 
 
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_import_create_stopped_by_a_signal_removes_its_disk(
+    names: list[str], tmp_path: Path, signum: int, code: int
+) -> None:
+    """SIGTERM (kill PID) mid-copy cleans up as Ctrl-C does: the disk import made is gone."""
+    n = new(names)
+    image = tmp_path / "big.img"
+    sparse_image(image, 1 << 20, {0: b"i" * 8192})
+    # The signal arrives while the copy runs, deterministically: the copy sends it to itself.
+    stop_mid_copy = (
+        "import os, sys, time; from shmdisk import cli; from shmdisk.cli import _image;"
+        f" _image._copy_in = lambda *a: (os.kill(os.getpid(), {int(signum)}), time.sleep(30));"
+        " sys.exit(cli.main(sys.argv[1:]))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", stop_mid_copy, "import", "--create", n, str(image)],
+        capture_output=True,
+        timeout=60,
+        env=ENV,
+    )
+    assert r.returncode == code, r.stderr
+    assert b"Traceback" not in r.stderr
+    assert n not in shmdisk.list_disks()
+
+
 @pytest.mark.root
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
 def test_import_into_disk_read_only_for_the_user(names: list[str], tmp_path: Path) -> None:

@@ -3,7 +3,7 @@
 ``main(argv) -> int`` and ``ls_main(argv) -> int`` never call ``sys.exit`` themselves, so tests and
 other programs can call them. Exit codes: 0 ok, 1 failed, 2 usage error, 130 interrupted (Ctrl-C),
 141 the reader of stdout went away (``shmdisk export NAME - | head``, as SIGPIPE ends other
-filters), 143 when ``demo`` is stopped by SIGTERM.
+filters), 143 stopped by SIGTERM (``import`` and ``demo`` clean up first, as on Ctrl-C).
 Every failure is one line ``shmdisk: error: ...`` on stderr; everything a script may want to read
 has ``--json``, an object whose ``"version"`` key is bumped when a field changes meaning.
 
@@ -25,7 +25,7 @@ from typing import Any
 import shmdisk
 
 from . import _demo, _image, _ls, _manage, _map
-from ._common import JSON_VERSION, CliError, describe, error
+from ._common import JSON_VERSION, CliError, Terminated, describe, error
 
 __all__ = ["JSON_VERSION", "ls_main", "main"]
 
@@ -88,6 +88,8 @@ def _dispatch(args: argparse.Namespace, prog: str) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except Terminated:
+        return 128 + signal.SIGTERM
     return 1
 
 

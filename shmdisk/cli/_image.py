@@ -24,6 +24,8 @@ from ._common import (
     open_disk,
     print_json,
     sector_size_arg,
+    signals_held,
+    sigterm_raises,
     subcommand,
 )
 
@@ -167,6 +169,12 @@ def _spool(src_fd: int, limit: int, granule: int) -> IO[bytes]:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    # `kill PID` must clean up like Ctrl-C: a disk this command created is not left behind.
+    with sigterm_raises():
+        return _import(args)
+
+
+def _import(args: argparse.Namespace) -> int:
     name, path = args.name, args.file
     label = "stdin" if path == "-" else path
     created = False
@@ -222,17 +230,20 @@ def cmd_import(args: argparse.Namespace) -> int:
                 f" (grow it first: shmdisk resize {name} {image_sectors})"
             )
         if disk is None:
-            disk = shmdisk.create(name, image_sectors, sector_size)
-            created = True
+            with signals_held():  # a signal must not come between the create and its record
+                disk = shmdisk.create(name, image_sectors, sector_size)
+                created = True
         t0 = time.monotonic()
         data_bytes = _copy_in(disk, src_fd, image_size, label, _progress_enabled(args))
         seconds = time.monotonic() - t0
     except BaseException:
         if created:
-            # A disk this command made and failed to fill is not left behind half-written.
-            if disk is not None:
-                disk.disconnect()
-            shmdisk.destroy(name)
+            # A disk this command made and failed to fill is not left behind half-written,
+            # even when a second Ctrl-C or SIGTERM follows the first.
+            with signals_held():
+                if disk is not None:
+                    disk.disconnect()
+                shmdisk.destroy(name)
         raise
     finally:
         if disk is not None:
