@@ -13,6 +13,20 @@ sees the same bytes. The API follows MirageOS's BLOCK device::
         disk.read(0, buf)
     shmdisk.destroy("scratch")
 
+Public surface (pinned by ``tests/test_public_api.py``):
+
+- ``shmdisk``: the names in ``__all__`` below: the disk API, segment inspection, every error.
+- ``shmdisk.errors``: the same errors, in the module that draws their tree.
+- ``shmdisk.aio``: the API as coroutines for asyncio.
+- ``shmdisk.testing``: the pytest plugin (fixtures, leak guard) and ``unique_name``.
+- ``shmdisk.nbd``: the NBD server (``NBDServer``, ``serve``); import it by name, it is not
+  loaded by ``import shmdisk``.
+- The commands ``shmdisk`` (also ``python -m shmdisk``) and ``shmdisk-ls``.
+
+Everything else is internal and may change in any release: modules whose names start with an
+underscore, ``shmdisk.disk`` (where ``Disk`` is implemented; import it from ``shmdisk``), the
+``shmdisk.cli`` package (the commands, not a Python API) and the submodules of ``shmdisk.nbd``.
+
 Where to look: ``disk.py`` (the API), ``errors.py`` (every error), ``_layout.py`` (the byte
 format of a segment), ``_locks.py`` (the locking protocol).
 """
