@@ -1,6 +1,6 @@
 # Sourced by tools/run-tests and tools/lint: the checkout's virtualenv, with the project and the
 # extras asked for installed in it.
-#   . tools/venv.sh; use_venv test       # sets PY to the venv's python
+#   . tools/venv.sh; use_venv test       # sets PY to the venv's python, puts it first on PATH
 #
 # Why a virtualenv, always: Debian 12 and Ubuntu 23.04+ refuse `pip install` into the system
 # Python (PEP 668, "externally-managed-environment"), and only `python3` may exist there. One
@@ -25,5 +25,9 @@ use_venv() {
         python3 -m venv --system-site-packages "$VENV_DIR"
     fi
     PY="$PWD/$VENV_DIR/bin/python"
+    # As `activate` does: `python3` in child processes, such as the `#!/usr/bin/env python3`
+    # of tools/shmdisk-ls run by the tests, is the venv's too.
+    export VIRTUAL_ENV="$PWD/$VENV_DIR"
+    export PATH="$VIRTUAL_ENV/bin:$PATH"
     "$PY" -m pip install -q --disable-pip-version-check -e ".[$extras]"
 }
