@@ -8,8 +8,9 @@ command line with ``-p shmdisk.testing``. It provides:
 - fixture ``shmdisk_factory``: ``factory(size_sectors, sector_size=512, **kw) -> Disk`` for any
   number of disks (``kw`` goes to ``shmdisk.create``; ``name=`` picks the name), all destroyed
   after the test;
-- fixture ``shmdisk_no_leaks``: fails the test (as a teardown error) if it leaves a shmdisk
-  segment behind; make it autouse in a ``conftest.py`` to guard a whole suite;
+- fixture ``shmdisk_no_leaks``: fails the test (as a teardown error) if it leaves behind a
+  shmdisk segment that it or a process it started made (``assert_no_leaks`` says how that is
+  told); make it autouse in a ``conftest.py`` to guard a whole suite;
 - marker ``@pytest.mark.shmdisk_keep`` and option ``--shmdisk-keep-on-failure``: when the test
   fails, its fixture disks are kept (disconnected, not destroyed) and their names are printed at
   the end of the run, for ``shmdisk-ls`` and a look at the bytes;
@@ -29,6 +30,7 @@ import contextlib
 import os
 import re
 import secrets
+import tempfile
 from typing import TYPE_CHECKING, Any, Protocol
 
 import shmdisk as _shmdisk
@@ -53,7 +55,6 @@ __all__ = [
 # Leave room under the core's name limit for the pid, worker id and token.
 _MAX_PREFIX = 48
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-_WORKER_TAG = re.compile(r"-(gw\d+)-")
 
 
 def _xdist_worker() -> str:
@@ -71,7 +72,9 @@ def unique_name(prefix: str = "test") -> str:
     worker = _xdist_worker()
     middle = f"{os.getpid()}-{worker}" if worker else str(os.getpid())
     # 48 random bits: a pid reused by a later run on the same machine still gets a fresh name.
-    return f"{safe}-{middle}-{secrets.token_hex(6)}"
+    name = f"{safe}-{middle}-{secrets.token_hex(6)}"
+    _journal(name)
+    return name
 
 
 class LeakedSegmentsError(AssertionError):
@@ -106,24 +109,59 @@ def _descends_from(pid: int, ancestor: int) -> bool:
     return False
 
 
-def _made_elsewhere(name: str) -> bool:
-    """True for a segment that some other test run or xdist worker made meanwhile."""
-    me = _xdist_worker()
-    tag = _WORKER_TAG.search(name)
-    if me and tag is not None and tag.group(1) != me:
-        return True  # named by unique_name() in another xdist worker
+# The leak guard's journals: files, named in this variable (several when guards nest), to which
+# unique_name appends every name it makes. Children inherit the environment, so the names a
+# child makes land in the journal too, and count as the guarded code's even after it exited.
+_JOURNALS_ENV = "SHMDISK_TESTING_JOURNALS"
+
+
+def _journal(name: str) -> None:
+    for path in filter(None, os.environ.get(_JOURNALS_ENV, "").split(os.pathsep)):
+        try:
+            # No O_CREAT: a journal whose guard has ended stays gone.
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            os.write(fd, f"{name}\n".encode())
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _journaling() -> Iterator[Callable[[], set[str]]]:
+    """Journal the names unique_name makes in the block, here and in children started in it."""
+    fd, path = tempfile.mkstemp(prefix="shmdisk-guard-", suffix=".names")
+    os.close(fd)
+    outer = os.environ.get(_JOURNALS_ENV)
+    os.environ[_JOURNALS_ENV] = path if outer is None else f"{path}{os.pathsep}{outer}"
+
+    def names() -> set[str]:
+        with open(path) as f:
+            return set(f.read().split())
+
+    try:
+        yield names
+    finally:
+        if outer is None:
+            os.environ.pop(_JOURNALS_ENV, None)
+        else:
+            os.environ[_JOURNALS_ENV] = outer
+        os.unlink(path)
+
+
+def _made_by_guarded_code(name: str, journaled: set[str]) -> bool:
+    """True for a segment the guarded code made: named by it, or made by it or a child."""
+    if name in journaled:
+        return True  # unique_name made this name here or in a child: nobody else can have it
     try:
         creator = _shmdisk.inspect(name).creator_pid
     except _shmdisk.ShmdiskError:
-        return True  # vanished or unreadable meanwhile: nothing of ours to clean up
-    if creator is None:
-        # A corrupt or half-made segment names no creator: it cannot be told apart from one a
-        # concurrent run made on purpose, so it is left alone rather than destroyed.
-        return True
-    if not os.path.exists(f"/proc/{creator}"):
-        return False  # a creator that is gone may have been our own worker: count it
-    # A live creator that is neither this process nor one of its workers is another run's.
-    return not _descends_from(creator, os.getpid())
+        return False  # vanished or unreadable meanwhile: nothing of ours to clean up
+    # A header that names no creator (corrupt or half-made) cannot be attributed. Nor can a
+    # creator that has exited: an unrelated `shmdisk create` looks just like a child of ours
+    # once it is gone, so only a live creator counts: this process or one it started.
+    return creator is not None and _descends_from(creator, os.getpid())
 
 
 @contextlib.contextmanager
@@ -132,22 +170,26 @@ def assert_no_leaks(
 ) -> Iterator[None]:
     """Fail with ``LeakedSegmentsError`` if the block leaves new shmdisk segments behind.
 
-    Compares ``shmdisk.list_disks()`` before and after. Segments that other test runs or xdist
-    workers made meanwhile do not count: those whose creator is alive but is neither this
-    process nor a process it started, those whose header names no creator (corrupt or
-    half-made: they cannot be attributed, so they are never destroyed by mistake), and, under
-    xdist, those named by ``unique_name`` in another worker. Nor do those ``ignore(name)``
-    accepts. With ``cleanup`` (the default) leaked segments are destroyed after being
-    reported, so one leak does not spill into the next test. Nothing is checked when the
-    block itself raises.
+    Compares ``shmdisk.list_disks()`` before and after and counts only what the block made: a
+    new segment whose name ``unique_name`` made during the block (in this process or in a
+    process it started, even one that has exited since), or whose creator is still running and
+    is this process or one it started. Segments made meanwhile by anyone else (another test
+    run, another xdist worker, a ``shmdisk create`` in a shell) are left alone; so are those
+    ``ignore(name)`` accepts, and those whose header names no creator. A child that exits
+    after making a disk under a name it chose itself cannot be told from an unrelated process,
+    so its disk is not counted: name such disks with ``unique_name``. With ``cleanup`` (the
+    default) leaked segments are destroyed after being reported, so one leak does not spill
+    into the next test. Nothing is checked when the block itself raises.
     """
     before = set(_shmdisk.list_disks())
-    yield
-    leaked = sorted(
-        name
-        for name in set(_shmdisk.list_disks()) - before
-        if not (ignore is not None and ignore(name)) and not _made_elsewhere(name)
-    )
+    with _journaling() as journaled:
+        yield
+        made = journaled()
+        leaked = sorted(
+            name
+            for name in set(_shmdisk.list_disks()) - before
+            if not (ignore is not None and ignore(name)) and _made_by_guarded_code(name, made)
+        )
     if leaked:
         if cleanup:
             for name in leaked:

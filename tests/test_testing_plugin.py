@@ -6,9 +6,11 @@ import os
 import pathlib
 import re
 import secrets
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -51,7 +53,9 @@ def run_pytest(
     child_env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("PYTEST_XDIST", "PYTEST_ADDOPTS", "PYTEST_CURRENT_TEST"))
+        if not k.startswith(
+            ("PYTEST_XDIST", "PYTEST_ADDOPTS", "PYTEST_CURRENT_TEST", "SHMDISK_TESTING")
+        )
     }
     child_env.update(env or {})
     proc = subprocess.run(
@@ -228,17 +232,6 @@ def test_assert_no_leaks_ignore_and_keep() -> None:
         shmdisk.destroy(name)
 
 
-def test_assert_no_leaks_ignores_other_xdist_workers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under xdist a segment named by another worker's unique_name is not this test's leak."""
-    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
-    other = f"other-{os.getpid()}-gw0-{secrets.token_hex(6)}"
-    try:
-        with assert_no_leaks():
-            shmdisk.create(other, 1).disconnect()
-    finally:
-        shmdisk.destroy(other)
-
-
 def test_helpers_import_without_pytest() -> None:
     """shmdisk.testing imports and its helpers work where pytest is not installed."""
     code = """
@@ -265,3 +258,101 @@ print("ok")
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+# Runs the command in argv in a new session and exits at once, printing its pid: the command's
+# process is orphaned (re-parented away from us), so it is no descendant of the test.
+_DETACH = """
+import subprocess, sys
+null = subprocess.DEVNULL
+p = subprocess.Popen(sys.argv[1:], start_new_session=True, stdin=null, stdout=null, stderr=null)
+print(p.pid)
+"""
+
+
+def start_unrelated(*cmd: str) -> int:
+    """Start ``cmd`` as a process that is not a descendant of this one; return its pid."""
+    # An unrelated process shares nothing with the test, not even the leak guard's environment.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHMDISK_TESTING")}
+    proc = subprocess.run(
+        [sys.executable, "-c", _DETACH, *cmd],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return int(proc.stdout)
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("creator", ["exited", "running"])
+def test_leak_guard_leaves_an_unrelated_process_disk_alone(creator: str) -> None:
+    """A disk that an unrelated process makes during the block is neither reported nor destroyed."""
+    name = unique_name("unrelated")
+    if creator == "exited":  # the real CLI: creates the disk and exits
+        cmd = ["-m", "shmdisk", "create", "-q", name, "8"]
+    else:  # creates the disk and stays alive until killed
+        cmd = ["-c", f"import shmdisk, time; shmdisk.create({name!r}, 8); time.sleep(600)"]
+    pid = 0
+    try:
+        with assert_no_leaks():
+            pid = start_unrelated(sys.executable, *cmd)
+            wait_until(lambda: name in shmdisk.list_disks(), "the unrelated disk exists")
+            if creator == "exited":
+                wait_until(lambda: not os.path.exists(f"/proc/{pid}"), "its creator is gone")
+        assert name in shmdisk.list_disks()
+        assert shmdisk.inspect(name).creator_pid == pid
+    finally:
+        if creator == "running" and pid:
+            os.kill(pid, signal.SIGKILL)
+        shmdisk.destroy(name)
+
+
+def test_leak_guard_catches_a_child_that_leaked_and_exited() -> None:
+    """A disk a child process named with unique_name and left behind is reported and destroyed."""
+    code = "import shmdisk, shmdisk.testing as t; n = t.unique_name('child'); "
+    code += "shmdisk.create(n, 8).disconnect(); print(n)"
+    name = ""
+    try:
+        with pytest.raises(LeakedSegmentsError) as info, assert_no_leaks():
+            child = subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+            )
+            name = child.stdout.strip()
+            assert child.returncode == 0 and name, child.stderr
+        assert info.value.names == [name]
+        assert name not in shmdisk.list_disks()
+    finally:
+        if name:
+            shmdisk.destroy(name)
+
+
+def test_leak_guard_catches_a_running_child_whatever_the_name() -> None:
+    """A disk a still-running child made under a name of its own is reported and destroyed."""
+    name = f"child-{secrets.token_hex(6)}"
+    code = f"import shmdisk, sys; shmdisk.create({name!r}, 8); print('made', flush=True); "
+    code += "sys.stdin.read()"
+    child: subprocess.Popen[str] | None = None
+    try:
+        with pytest.raises(LeakedSegmentsError) as info, assert_no_leaks():
+            child = subprocess.Popen(
+                [sys.executable, "-c", code],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert child.stdout is not None and child.stdout.readline() == "made\n"
+        assert info.value.names == [name]
+        assert name not in shmdisk.list_disks()
+    finally:
+        if child is not None:
+            child.communicate(timeout=60)  # closes its stdin: it exits
+        shmdisk.destroy(name)
