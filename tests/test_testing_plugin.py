@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 import shmdisk
-from shmdisk.testing import LeakedSegmentsError, assert_no_leaks, unique_name
+from shmdisk.testing import LeakedSegmentsError, _freeze, _overlay, assert_no_leaks, unique_name
 
 EXAMPLES = pathlib.Path(__file__).parent / "plugin_example"
 README = pathlib.Path(__file__).parent.parent / "README.md"
@@ -38,6 +38,11 @@ def left_behind(prefix: str) -> list[str]:
     return [n for n in shmdisk.list_disks() if n.startswith(prefix)]
 
 
+def shm_entries(token: str) -> set[str]:
+    """Entries of /dev/shm (segments or anything else) whose names carry ``token``."""
+    return {e for e in os.listdir("/dev/shm") if token in e}
+
+
 def run_pytest(
     tmp_path: pathlib.Path,
     files: dict[str, str],
@@ -57,9 +62,13 @@ def run_pytest(
             ("PYTEST_XDIST", "PYTEST_ADDOPTS", "PYTEST_CURRENT_TEST", "SHMDISK_TESTING")
         )
     }
+    # Only the plugins the runs need: every other installed plugin would cost start-up time
+    # in each xdist worker.
+    child_env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     child_env.update(env or {})
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--timeout=60"]
+        + ["-p", "xdist.plugin", "-p", "pytest_timeout"]
         + (["-p", "shmdisk.testing"] if plugin_option else [])
         + list(args),
         cwd=tmp_path,
@@ -84,6 +93,87 @@ def run_pytest(
 def example(name: str) -> str:
     """The text of one example file."""
     return (EXAMPLES / f"example_{name}.py").read_text()
+
+
+def run_golden(
+    tmp_path: pathlib.Path, token: str, *args: str, **env: str
+) -> tuple[dict[str, int], str, list[list[str]], dict[str, set[str]]]:
+    """Run the golden-disk example suite; return outcome counts, output, the build log (one
+    ``[event, pid, worker]`` per line) and the disk names the tests saw, by kind."""
+    names_dir = tmp_path / "names"
+    names_dir.mkdir()
+    builds = tmp_path / "builds"
+    builds.touch()
+    before = shm_entries(token)
+    files = {
+        "conftest.py": (EXAMPLES / "golden_conftest.py").read_text(),
+        "test_golden.py": example("golden"),
+    }
+    env = {"EXAMPLE_BUILDS": str(builds), "EXAMPLE_NAMES_DIR": str(names_dir), **env}
+    counts, output = run_pytest(tmp_path, files, "--shmdisk-prefix", token, *args, env=env)
+    # Nothing of the run is left in /dev/shm: no segment, nor anything else carrying its names.
+    assert shm_entries(token) == before == set(), output
+    names: dict[str, set[str]] = {"golden": set(), "overlay": set()}
+    for entry in names_dir.iterdir():
+        kind, name = entry.name.split("=")
+        names[kind].add(name)
+    return counts, output, [line.split() for line in builds.read_text().splitlines()], names
+
+
+def workers_of(names: set[str]) -> set[str]:
+    """The xdist worker ids in fixture disk names."""
+    return {m.group(1) for n in names if (m := re.search(r"-\d+-(gw\d+)-[0-9a-f]{12}$", n))}
+
+
+@pytest.mark.parametrize("xdist", [[], ["-n", "2"], ["-n", "4"]], ids=["serial", "n2", "n4"])
+def test_golden_disk_built_once_and_every_test_writes_its_own_overlay(
+    tmp_path: pathlib.Path, token: str, xdist: list[str]
+) -> None:
+    """One build per run, one golden disk on every worker, a fresh private overlay per test."""
+    counts, output, builds, names = run_golden(tmp_path, token, *xdist)
+    assert counts == {"passed": 14}, output
+    assert [event for event, _, _ in builds] == ["start", "done"], builds
+    # Every test saw the same golden disk, named after the run and nothing else.
+    (golden,) = names["golden"]
+    run = golden.rsplit("-", 1)[1]
+    assert re.fullmatch(rf"{token}-golden-build_image-[0-9a-f]{{8}}", golden), golden
+    # The twelve tests that wrote had twelve overlays of that run (see example_golden.py for
+    # the byte-for-byte checks each made).
+    assert len(names["overlay"]) == 12
+    assert all(n.startswith(f"{token}-test_overlay") and f"-{run}-" in n for n in names["overlay"])
+    if xdist:
+        # Several workers shared the golden disk that one of them built.
+        assert len(workers_of(names["overlay"])) >= 2, names
+        assert builds[0][2].startswith("gw")
+
+
+@pytest.mark.parametrize("xdist", [[], ["-n", "2"]], ids=["serial", "n2"])
+def test_golden_run_with_a_failing_test_leaves_nothing(
+    tmp_path: pathlib.Path, token: str, xdist: list[str]
+) -> None:
+    """A test failing after writing to its overlay: the overlay and the golden disk still go."""
+    counts, output, builds, names = run_golden(tmp_path, token, *xdist, EXAMPLE_FAIL="1")
+    assert counts == {"passed": 14, "failed": 1}, output
+    assert "failing on purpose" in output
+    assert [event for event, _, _ in builds] == ["start", "done"], builds
+    assert len(names["overlay"]) == 13
+
+
+def test_golden_run_with_crashing_workers_leaves_nothing(
+    tmp_path: pathlib.Path, token: str
+) -> None:
+    """A worker dying mid-build and one dying mid-test: rebuilt once, and nothing is left."""
+    counts, output, builds, names = run_golden(
+        tmp_path, token, "-n", "2", EXAMPLE_CRASH_FIRST_BUILD="1", EXAMPLE_CRASH_TEST="1"
+    )
+    # The test whose setup was building and the test that kills its worker are reported failed.
+    assert counts == {"passed": 13, "failed": 2}, output
+    assert output.count("crashed while running") == 2, output
+    # The first build died halfway; the next one (another process) started over and finished.
+    assert [event for event, _, _ in builds] == ["start", "start", "done"], builds
+    assert builds[0][1] != builds[1][1] == builds[2][1]
+    # The overlay of the killed test was never torn down; the end of the run destroyed it.
+    assert any("-test_kills_its_worker-" in n for n in names["overlay"]), names
 
 
 def kept_names(output: str) -> list[str]:
@@ -356,3 +446,60 @@ def test_leak_guard_catches_a_running_child_whatever_the_name() -> None:
         if child is not None:
             child.communicate(timeout=60)  # closes its stdin: it exits
         shmdisk.destroy(name)
+
+
+def test_overlay_reads_as_its_base_and_keeps_its_own_writes() -> None:
+    """An overlay (a sparse copy until the core has overlays) holds the base's bytes and holes,
+    takes writes the base never sees, reads zeros past a smaller base, and needs its sector size."""
+    base_name, names = unique_name("base"), [unique_name("ovl"), unique_name("big")]
+    sector = 512
+    try:
+        with shmdisk.create(base_name, 8192, sector) as base:  # 4 MiB
+            # Two data runs, one longer than a copy chunk, around and between holes.
+            base.write(8, os.urandom(3 * 1024 * 1024))
+            base.write(7000, os.urandom(20 * sector))
+            _freeze(base)
+            image = read_all(base)
+            with _overlay(names[0], base_name, None, None) as ovl:
+                assert (ovl.get_info().size_sectors, ovl.sector_size) == (8192, sector)
+                assert read_all(ovl) == image
+                assert ovl.extents() == base.extents()
+                ovl.write(9, b"\xee" * sector)
+                assert read_all(base) == image
+                assert (
+                    read_all(ovl) == image[: 9 * sector] + b"\xee" * sector + image[10 * sector :]
+                )
+            with _overlay(names[1], base_name, 10000, None) as big:
+                assert read_all(big) == image + bytes(1808 * sector)
+            with pytest.raises(shmdisk.ShmdiskError):
+                _overlay(unique_name("bad"), base_name, None, 4096)
+    finally:
+        for name in [base_name, *names]:
+            shmdisk.destroy(name)
+
+
+def read_all(disk: shmdisk.Disk) -> bytes:
+    """Every byte of ``disk``."""
+    buf = bytearray(disk.get_info().size_sectors * disk.sector_size)
+    disk.read(0, buf)
+    return bytes(buf)
+
+
+def test_golden_disk_without_the_plugin_is_a_clear_error(tmp_path: pathlib.Path) -> None:
+    """golden_disk refuses to build where no process of the run would destroy the disk."""
+    conftest = """
+from shmdisk.testing import golden_disk
+
+def build(disk):
+    raise AssertionError("must not be built")
+
+golden = golden_disk(build, 8)
+"""
+    test = "def test_uses_it(golden):\n    pass\n"
+    before = set(shmdisk.list_disks())
+    counts, output = run_pytest(
+        tmp_path, {"conftest.py": conftest, "test_it.py": test}, plugin_option=False
+    )
+    assert counts == {"error": 1}, output
+    assert "golden_disk needs the shmdisk.testing plugin" in output
+    assert not any("-golden-build-" in n for n in set(shmdisk.list_disks()) - before)
