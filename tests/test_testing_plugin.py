@@ -266,17 +266,37 @@ def test_no_leaks_fixture_reports_a_leak_and_removes_it(tmp_path: pathlib.Path, 
     assert left_behind(token) == []
 
 
-def test_readme_example_runs(tmp_path: pathlib.Path, token: str) -> None:
-    """The README's plugin example (conftest.py plus a test starting workers) passes as printed."""
+def readme_examples() -> list[dict[str, str]]:
+    """The README's plugin examples: each a conftest.py and the test files printed after it."""
+    examples: list[dict[str, str]] = []
     blocks = re.findall(
         r"```python\n(# (conftest\.py|test_\w+\.py)\n.*?)```", README.read_text(), re.S
     )
-    files = {filename: text for text, filename in blocks}
-    assert "conftest.py" in files and len(files) >= 2, "README example not found"
+    for text, filename in blocks:
+        if filename == "conftest.py":
+            examples.append({})
+        examples[-1][filename] = text
+    return examples
+
+
+@pytest.mark.parametrize(
+    ("index", "args", "passed"), [(0, [], 2), (1, ["-n", "4"], 8)], ids=["fixtures", "golden-n4"]
+)
+def test_readme_examples_run(
+    tmp_path: pathlib.Path, token: str, index: int, args: list[str], passed: int
+) -> None:
+    """Each README plugin example passes as printed, the golden-disk one with the -n 4 shown."""
+    examples = readme_examples()
+    assert len(examples) == 2 and all(len(e) >= 2 for e in examples), "README examples not found"
+    if args:
+        assert f"pytest {' '.join(args)}" in README.read_text()
+    before = shm_entries(token)
     # No -p here: the README's conftest.py enables the plugin itself.
-    counts, output = run_pytest(tmp_path, files, "--shmdisk-prefix", token, plugin_option=False)
-    assert counts.get("failed", 0) == 0 and counts.get("passed", 0) >= 1, output
-    assert left_behind(token) == []
+    counts, output = run_pytest(
+        tmp_path, examples[index], "--shmdisk-prefix", token, *args, plugin_option=False
+    )
+    assert counts == {"passed": passed}, output
+    assert shm_entries(token) == before == set()
 
 
 def test_unique_names_are_unique_and_valid(monkeypatch: pytest.MonkeyPatch) -> None:
