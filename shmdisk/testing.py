@@ -37,7 +37,6 @@ import contextlib
 import os
 import re
 import secrets
-import tempfile
 import uuid
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -128,36 +127,42 @@ def _descends_from(pid: int, ancestor: int) -> bool:
     return False
 
 
-# The leak guard's journals: files, named in this variable (several when guards nest), to which
-# unique_name appends every name it makes. Children inherit the environment, so the names a
-# child makes land in the journal too, and count as the guarded code's even after it exited.
+# The leak guard's journals: in-memory files to which unique_name appends every name it makes
+# while a guard is open. This variable names them, "<pid>/<fd>/<dev>/<inode>" each (several
+# when guards nest), and children inherit it: the names a child makes count as the guarded
+# code's even after the child exited. A journal lives exactly as long as its guard's process:
+# nothing is left to clean up when that process dies.
 _JOURNALS_ENV = "SHMDISK_TESTING_JOURNALS"
 
 
 def _journal(name: str) -> None:
-    for path in filter(None, os.environ.get(_JOURNALS_ENV, "").split(os.pathsep)):
+    for entry in os.environ.get(_JOURNALS_ENV, "").split():
         try:
-            # No O_CREAT: a journal whose guard has ended stays gone.
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        except OSError:
-            continue
+            pid, fd, dev, ino = (int(field) for field in entry.split("/"))
+            out = os.open(f"/proc/{pid}/fd/{fd}", os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        except (OSError, ValueError):
+            continue  # the guard is gone
         try:
-            os.write(fd, f"{name}\n".encode())
+            # The guard's pid and descriptor number may have been reused since: write only
+            # into the journal itself.
+            st = os.fstat(out)
+            if (st.st_dev, st.st_ino) == (dev, ino):
+                os.write(out, f"{name}\n".encode())
         finally:
-            os.close(fd)
+            os.close(out)
 
 
 @contextlib.contextmanager
 def _journaling() -> Iterator[Callable[[], set[str]]]:
     """Journal the names unique_name makes in the block, here and in children started in it."""
-    fd, path = tempfile.mkstemp(prefix="shmdisk-guard-", suffix=".names")
-    os.close(fd)
+    fd = os.memfd_create("shmdisk-guard-names", os.MFD_CLOEXEC)
+    st = os.fstat(fd)
     outer = os.environ.get(_JOURNALS_ENV)
-    os.environ[_JOURNALS_ENV] = path if outer is None else f"{path}{os.pathsep}{outer}"
+    entry = f"{os.getpid()}/{fd}/{st.st_dev}/{st.st_ino}"
+    os.environ[_JOURNALS_ENV] = entry if outer is None else f"{entry} {outer}"
 
     def names() -> set[str]:
-        with open(path) as f:
-            return set(f.read().split())
+        return set(os.pread(fd, os.fstat(fd).st_size, 0).decode().split())
 
     try:
         yield names
@@ -166,7 +171,7 @@ def _journaling() -> Iterator[Callable[[], set[str]]]:
             os.environ.pop(_JOURNALS_ENV, None)
         else:
             os.environ[_JOURNALS_ENV] = outer
-        os.unlink(path)
+        os.close(fd)
 
 
 def _made_by_guarded_code(name: str, journaled: set[str]) -> bool:
