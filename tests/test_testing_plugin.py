@@ -494,7 +494,7 @@ def test_overlay_reads_as_its_base_and_keeps_its_own_writes() -> None:
             with pytest.raises(shmdisk.ShmdiskError):
                 _overlay(unique_name("bad"), base_name, None, 4096)
     finally:
-        for name in [base_name, *names]:
+        for name in [*names, base_name]:  # overlays before their base
             shmdisk.destroy(name)
 
 
