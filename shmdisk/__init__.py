@@ -13,6 +13,20 @@ sees the same bytes. The API follows MirageOS's BLOCK device::
         disk.read(0, buf)
     shmdisk.destroy("scratch")
 
+Public surface (pinned by ``tests/test_public_api.py``):
+
+- ``shmdisk``: the names in ``__all__`` below: the disk API, segment inspection, every error.
+- ``shmdisk.errors``: the same errors, in the module that draws their tree.
+- ``shmdisk.aio``: the API as coroutines for asyncio.
+- ``shmdisk.testing``: the pytest plugin (fixtures, leak guard) and ``unique_name``.
+- ``shmdisk.nbd``: the NBD server (``NBDServer``, ``serve``); import it by name, it is not
+  loaded by ``import shmdisk``.
+- The commands ``shmdisk`` (also ``python -m shmdisk``) and ``shmdisk-ls``.
+
+Everything else is internal and may change in any release: modules whose names start with an
+underscore, ``shmdisk.disk`` (where ``Disk`` is implemented; import it from ``shmdisk``), the
+``shmdisk.cli`` package (the commands, not a Python API) and the submodules of ``shmdisk.nbd``.
+
 Where to look: ``disk.py`` (the API), ``errors.py`` (every error), ``_layout.py`` (the byte
 format of a segment), ``_pageio.py`` (the locking protocol). ``ENGINE`` says which engine runs
 it: ``"native"`` (the C extension) or ``"python"`` (``ctypes``; also with
@@ -22,6 +36,7 @@ it: ``"native"`` (the C extension) or ``"python"`` (``ctypes``; also with
 from ._layout import DEFAULT_SECTOR_SIZE, DEFAULT_SIZE_SECTORS
 from ._segment import SEGMENT_PREFIX, SegmentInfo, inspect, list_disks, segment_path
 from ._stripes import ENGINE
+from ._version import __version__
 from .disk import (
     Disk,
     DiskInfo,
@@ -58,8 +73,6 @@ from .errors import (
     UntrustedOwnerError,
     WouldBlockError,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_SECTOR_SIZE",

@@ -803,8 +803,8 @@ static PyObject *Engine_init_stripes(EngineObject *e, PyObject *unused) {
         rc = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
     if (!rc)
         rc = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
-    if (!rc)
-        rc = pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_NORMAL);
+    /* The type stays the default (normal), as the python engine makes it: an explicit
+     * settype would also mark the mutex "no elision", a different __kind word. */
     for (uint64_t s = 0; !rc && s < STRIPES; s++) {
         memset(slot(e, s), 0, SLOT_SIZE);
         rc = pthread_mutex_init(mutex_of(e, s), &attr);

@@ -245,9 +245,11 @@ def _slow(off: int, buf: Any) -> int:
     return 1
 
 
-def _holder_dead(seg: Segment, s: int) -> bool:
-    fw = seg.li[s * _SLOT_I]
-    return bool(fw & L.FUTEX_OWNER_DIED) and not fw & L.FUTEX_TID_MASK
+def _holder_gone(seg: Segment, s: int) -> bool:
+    """Nobody alive holds stripe ``s``: its holder died (the kernel cleared its thread id and
+    set FUTEX_OWNER_DIED), or nobody holds it at all while a page says a writer is there
+    (a damaged page map). Either way the pages will not change until someone repairs them."""
+    return not seg.li[s * _SLOT_I] & L.FUTEX_TID_MASK
 
 
 def _owned_here(seg: Segment, s: int, tid: int) -> bool:
@@ -645,11 +647,11 @@ class PageIO:
                 if not past_dead:
                     return False
                 dead = {L.stripe_of(p0 + int(i)) for i in odd}
-                if not all(_holder_dead(seg, s) for s in dead):
+                if not all(_holder_gone(seg, s) for s in dead):
                     return False
             copy_out(m, off, views, ws)
             if np.array_equal(ws, snapshot(seg, p0, p1)) and all(
-                _holder_dead(seg, s) for s in dead
+                _holder_gone(seg, s) for s in dead
             ):
                 return True
         return False

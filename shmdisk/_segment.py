@@ -339,6 +339,8 @@ def open_segment(name: str, read_only: bool, owner_uid: int | None = None) -> Ma
                 f"disk {name!r} was made for lock ABI "
                 f"{L.ABI_TAGS.get(header.lock_abi, hex(header.lock_abi))}, not this process's"
             )
+        if not read_only:
+            _check_lock_table(name, fd)
         if header.destroyed:
             # Its destroyer died between marking it and unlinking it: finish the job.
             _unlink_if_same(name, st)
@@ -347,6 +349,23 @@ def open_segment(name: str, read_only: bool, owner_uid: int | None = None) -> Ma
         os.close(fd)
         raise
     return Made(fd, header, segment_path(name))
+
+
+def _check_lock_table(name: str, fd: int) -> None:
+    """Refuse a table whose mutexes are not all robust, process-shared ones (a read-write
+    handle locks them; glibc would act on whatever kind a damaged one claims to be)."""
+    import numpy as np
+
+    raw = os.pread(fd, L.MAP_OFFSET - L.LOCK_OFFSET, L.LOCK_OFFSET)
+    kinds = np.frombuffer(raw, dtype="<i4").reshape(L.STRIPES, L.SLOT_SIZE // 4)
+    # Bits 8 and 9 are glibc's lock-elision hints, which do not change how a mutex locks.
+    kind = kinds[:, _stripes.KIND_OFFSET // 4] & ~0x300
+    bad = np.flatnonzero(kind != _stripes.MUTEX_KIND & ~0x300)
+    if len(bad):
+        raise CorruptSegmentError(
+            f"disk {name!r}: {len(bad)} of its {L.STRIPES} page locks are damaged "
+            f"(the first is stripe {int(bad[0])})"
+        )
 
 
 def _unlink_if_same(name: str, st: os.stat_result) -> bool:
@@ -514,7 +533,7 @@ def inspect(name: str) -> SegmentInfo:
     except FileNotFoundError:
         raise DiskNotFoundError(errno.ENOENT, f"no disk named {name!r}", path) from None
     except PermissionError:
-        return _file_only(name, path, st, "unreadable", "no read permission for this user")
+        return _file_only(name, path, st, "unreadable", None)
     except OSError as e:
         return _file_only(name, path, st, "corrupt", f"cannot open: {e.strerror}")
     try:
@@ -568,7 +587,9 @@ def inspect(name: str) -> SegmentInfo:
         os.close(fd)
 
 
-def _file_only(name: str, path: str, st: os.stat_result, state: str, problem: str) -> SegmentInfo:
+def _file_only(
+    name: str, path: str, st: os.stat_result, state: str, problem: str | None
+) -> SegmentInfo:
     """What inspect says of an entry it cannot read as a segment."""
     return SegmentInfo(
         name=name,

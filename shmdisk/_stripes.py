@@ -124,6 +124,26 @@ class _Libc:
 
 
 _libc: _Libc | None = None if PLATFORM_PROBLEM else _Libc()
+KIND_OFFSET = 16  # pthread_mutex_t.__data.__kind, glibc x86-64
+
+
+def _mutex_kind() -> int:
+    """The ``__kind`` word glibc gives a robust, process-shared, normal mutex here."""
+    if _libc is None:
+        return -1
+    attr = ctypes.create_string_buffer(64)
+    mutex = ctypes.create_string_buffer(L.MUTEX_SIZE)
+    _libc.attr_init(attr)
+    _libc.attr_pshared(attr, 1)
+    _libc.attr_robust(attr, 1)
+    _libc.init(mutex, attr)
+    _libc.attr_destroy(attr)
+    return int.from_bytes(mutex.raw[KIND_OFFSET : KIND_OFFSET + 4], "little", signed=True)
+
+
+# Every stripe of a table that is safe to lock says this: a table that does not (never
+# initialised, or scribbled over) is refused before any mutex in it is touched.
+MUTEX_KIND = _mutex_kind()
 # A locked instruction is a full fence on x86, non-temporal stores included; an uncontended
 # acquire and release of a threading.Lock is the cheapest one pure Python has (~0.1 us).
 _fence_lock = threading.Lock()

@@ -83,7 +83,8 @@ def format_bytes(n: int) -> str:
     value = float(n)
     for unit in "KMGTPE":
         value /= 1024
-        if value < 1024 or unit == "E":
+        # Judged as printed: 1048575 bytes is "1M", not "1024K".
+        if round(value, 1) < 1024 or unit == "E":
             break
     # One decimal place at most, and none when it would be ".0": "64M", not "64.0M".
     text = f"{value:.1f}"

@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Iterator
 
 import pytest
+from _helpers import new_name
 
 import shmdisk
+
+# Re-exported for test modules that still say `from conftest import new_name`; new code imports
+# it from _helpers (importing conftest by name fails under --import-mode=importlib).
+__all__ = ["new_name"]
 
 # In CI the machine is ours alone: any new shmdisk segment after a test is a leak. On a
 # developer's machine other test runs may create segments concurrently, so there only the
 # segments this pytest process created itself count.
 STRICT = bool(os.environ.get("CI"))
-
-
-def new_name(tag: str = "t") -> str:
-    """A disk name no other test, process or xdist worker will use."""
-    return f"test-{tag}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def _ours(name: str) -> bool:

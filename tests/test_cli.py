@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _helpers import as_other_user
 
 import shmdisk
 from shmdisk import _layout  # only to forge a segment of a future layout version
@@ -354,6 +355,57 @@ def test_tools_shmdisk_ls_runs_from_a_checkout_without_install() -> None:
     assert json.loads(r.stdout)["version"] == 1
 
 
+@pytest.mark.parametrize("missing", ["numpy"])
+def test_tools_shmdisk_ls_names_a_missing_dependency_in_one_line(missing: str) -> None:
+    """Without numpy tools/shmdisk-ls says what to install, not a traceback."""
+    hide = (
+        f"import runpy, sys; sys.modules[{missing!r}] = None; sys.argv = [sys.argv[1]];"
+        " runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run(
+        [sys.executable, "-c", hide, str(LS_TOOL)], capture_output=True, timeout=60, env=env
+    )
+    assert r.returncode == 1 and r.stdout == b""
+    (line,) = r.stderr.decode().splitlines()
+    assert line.startswith(f"shmdisk-ls: error: the Python package {missing} is missing;")
+    assert "python3 -m pip install 'numpy>=1.24'" in line
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_ls_and_info_as_another_user_list_every_disk(names: list[str]) -> None:
+    """uid 65534 sees root's 0600 disk as unreadable with RW --, the 0644 one as ro; exit 0."""
+    from shmdisk import cli
+
+    private, shared = new(names), new(names)
+    shmdisk.create(private, 2048).disconnect()
+    with shmdisk.create(shared, 2048, mode=0o644) as d:
+        d.write(0, b"\x01" * 4096)
+    code, out, err = as_other_user(lambda: cli.main(["ls", "--json"]))
+    assert (code, err) == (0, ""), err
+    disks = {e["name"]: e for e in json.loads(out)["disks"]}
+    p, s = disks[private], disks[shared]
+    assert (p["state"], p["access"], p["owner"], p["mode"]) == ("unreadable", "--", "root", "0600")
+    assert p["size_sectors"] is None and p["uid"] == 0
+    assert p["allocated_bytes"] == shmdisk.inspect(private).allocated_bytes
+    assert (s["state"], s["access"], s["size_sectors"], s["mapped_pages"]) == ("ok", "ro", 2048, 1)
+
+    code, out, err = as_other_user(
+        lambda: cli.ls_main(["-o", "NAME,SIZE,RW,OWNER,MODE,STATE", private, shared])
+    )
+    assert (code, err) == (0, ""), err
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:]}
+    assert rows[private] == ["-", "--", "root", "0600", "unreadable"]
+    assert rows[shared] == ["1M", "ro", "root", "0644", "ok"]
+
+    code, out, err = as_other_user(lambda: cli.main(["info", private]))
+    assert (code, err) == (0, ""), err
+    fields = dict(line.split(":", 1) for line in out.splitlines())
+    assert fields["state"].strip() == "unreadable"
+    assert fields["owner"].strip() == "root:root, mode 0600 (-- for you)"
+
+
 # ------------------------------------------------------------------------------------------
 # create, destroy, resize, map
 
@@ -423,6 +475,35 @@ def test_resize(names: list[str]) -> None:
     assert ok("resize", "-q", n, "3000") == ""
     assert shmdisk.inspect(n).size_sectors == 3000
     assert "no such disk" in fails("resize", f"test-cli-nothere-{os.getpid()}", "1M")
+
+
+def test_limits_are_explained_in_the_command_lines_terms(names: list[str]) -> None:
+    """Growing past --max-size, or a --max-size below SIZE, names the option, not the API."""
+    n = new(names)
+    ok("create", n, "1M", "--max-size", "2M")
+    line = fails("resize", n, "3M")
+    assert line == (
+        f"shmdisk: error: disk {n} may grow to 4096 sectors (2 MiB) at most, the limit set"
+        " when it was created (shmdisk create --max-size); nothing changed"
+    )
+    assert shmdisk.inspect(n).size_sectors == 2048
+    line = fails("create", new(names), "1M", "--max-size", "512K")
+    assert line.startswith("shmdisk: error: --max-size 512K (1024 sectors) must lie between SIZE")
+    for text in (line, fails("create", new(names), "1M", "--max-size", "1P")):
+        assert "max_size_sectors" not in text and "create(" not in text
+
+
+def test_unusable_segments_name_the_destroy_command(names: list[str]) -> None:
+    """A corrupt or never-finished segment: the error says `shmdisk destroy NAME`, not Python."""
+    garbage, empty = new(names, "garbage"), new(names, "empty")
+    Path(shmdisk.segment_path(garbage)).write_bytes(b"\x5a" * 5000)
+    Path(shmdisk.segment_path(empty)).write_bytes(b"")  # a creator that died before its header
+    for name, state in ((garbage, "corrupt"), (empty, "corrupt")):
+        line = fails("map", name)
+        assert line.startswith(f"shmdisk: error: disk {name} cannot be used ({state}"), line
+        assert line.endswith(f"; `shmdisk destroy {name}` removes it")
+        assert "shmdisk.destroy(" not in line
+    ok("destroy", garbage, empty)
 
 
 def test_map_json_matches_extents_and_picture(names: list[str]) -> None:
@@ -513,6 +594,65 @@ def test_export_to_redirected_stdout_is_sparse(names: list[str], tmp_path: Path)
     assert target.stat().st_blocks * 512 <= 2 * PAGE
 
 
+def test_export_file_gets_the_disks_mode_and_never_follows_a_symlink(
+    names: list[str], tmp_path: Path
+) -> None:
+    """A new image has the disk's mode (0600 by default); an existing path needs --force."""
+    private, shared = new(names), new(names)
+    for n, mode in ((private, 0o600), (shared, 0o640)):
+        with shmdisk.create(n, 64, mode=mode) as d:
+            d.write(0, b"s" * 512)
+    for n, mode in ((private, 0o600), (shared, 0o640)):
+        out = tmp_path / f"{n}.img"
+        r = subprocess.run(
+            [sys.executable, "-m", "shmdisk", "export", "-q", n, str(out)],
+            capture_output=True,
+            timeout=60,
+            env=ENV,
+            preexec_fn=lambda: os.umask(0o022),  # a umask may narrow the mode, never widen it
+        )
+        assert r.returncode == 0, r.stderr
+        assert out.stat().st_mode & 0o777 == mode
+        assert out.read_bytes() == read_all(n)
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    link = tmp_path / "link.img"
+    link.symlink_to(victim)
+    dangling = tmp_path / "dangling.img"
+    dangling.symlink_to(tmp_path / "made-through-a-link")
+    assert fails("export", private, str(link)) == (
+        f"shmdisk: error: {link} is a symbolic link; nothing written (add --force to overwrite it)"
+    )
+    assert "symbolic link" in fails("export", private, str(dangling))
+    assert not (tmp_path / "made-through-a-link").exists()
+    assert victim.read_bytes() == b"keep me"
+    existing = tmp_path / f"{private}.img"
+    assert fails("export", private, str(existing)).endswith(
+        "is there already; nothing written (add --force to overwrite it)"
+    )
+    ok("export", "-q", "--force", private, str(link))  # asked to: through the link
+    assert victim.read_bytes() == read_all(private)
+
+
+def test_export_to_a_reader_that_goes_away_exits_quietly(names: list[str]) -> None:
+    """`shmdisk export NAME - | head -c 100`: status 141 like any filter, nothing on stderr."""
+    n = new(names)
+    shmdisk.create(n, (64 << 20) // 512).disconnect()  # 64 MiB of zeros: more than a pipe holds
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shmdisk", "export", "-q", n, "-"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ENV,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.read(100) == bytes(100)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141
+    assert err == b""
+
+
 def test_import_refusals_write_nothing(names: list[str], tmp_path: Path) -> None:
     """Too large (file or pipe), missing disk, or ragged size: refused, the disk unchanged."""
     n = new(names)
@@ -565,6 +705,31 @@ def test_progress_bar_only_when_asked_or_on_a_terminal(names: list[str], tmp_pat
     assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
     r = run("export", "--no-progress", n, "-")
     assert r.returncode == 0 and b"%" not in r.stderr
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_import_create_stopped_by_a_signal_removes_its_disk(
+    names: list[str], tmp_path: Path, signum: int, code: int
+) -> None:
+    """SIGTERM (kill PID) mid-copy cleans up as Ctrl-C does: the disk import made is gone."""
+    n = new(names)
+    image = tmp_path / "big.img"
+    sparse_image(image, 1 << 20, {0: b"i" * 8192})
+    # The signal arrives while the copy runs, deterministically: the copy sends it to itself.
+    stop_mid_copy = (
+        "import os, sys, time; from shmdisk import cli; from shmdisk.cli import _image;"
+        f" _image._copy_in = lambda *a: (os.kill(os.getpid(), {int(signum)}), time.sleep(30));"
+        " sys.exit(cli.main(sys.argv[1:]))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", stop_mid_copy, "import", "--create", n, str(image)],
+        capture_output=True,
+        timeout=60,
+        env=ENV,
+    )
+    assert r.returncode == code, r.stderr
+    assert b"Traceback" not in r.stderr
+    assert n not in shmdisk.list_disks()
 
 
 @pytest.mark.root
@@ -675,12 +840,21 @@ def test_every_subcommand_help_has_an_example(command: str) -> None:
     assert "example" in out and f"shmdisk {command}" in out
 
 
+def test_export_help_says_holes_where_the_disk_has_holes() -> None:
+    """The sparse-file sentence says it the right way round."""
+    text = " ".join(ok("export", "--help").split())
+    assert "gets holes where the disk has holes" in text and "has none" not in text
+
+
 def test_usage_errors_exit_2_and_serve_is_registered() -> None:
     """Unknown commands and options are usage errors (2); serve comes from the NBD module."""
     r = run("frobnicate")
     assert r.returncode == 2 and b"invalid choice" in r.stderr
     assert run("ls", "--bogus").returncode == 2
-    assert run().returncode == 2
+    bare = run()  # no command: a usage error that lists the commands
+    assert bare.returncode == 2 and bare.stdout == b""
+    for command in ("ls", "info", "create", "destroy", "resize", "map", "import", "export"):
+        assert re.search(rf"^ +{command} +\w", bare.stderr.decode(), re.M), command
     assert run("--bogus", tool=LS_TOOL).returncode == 2
     assert "serve" in ok("--help")
     assert run("serve", "--help").returncode == 0

@@ -67,6 +67,10 @@ def test_parse_bytes_is_exact_for_fractions() -> None:
         (64 << 20, "64M", "64 MiB"),
         ((1 << 30) * 3 // 2, "1.5G", "1.5 GiB"),
         (1 << 40, "1T", "1 TiB"),
+        ((1 << 20) - 1, "1M", "1 MiB"),  # rounds up into the next unit, never "1024K"
+        ((1 << 20) - 1024, "1023K", "1023 KiB"),
+        (10**9 * 512, "476G", "476 GiB"),  # 10**9 sectors: at most 4 digits, never "1e+09"
+        (1 << 60, "1E", "1 EiB"),
     ],
 )
 def test_format_bytes(n: int, compact: str, long: str) -> None:

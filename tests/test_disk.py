@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import new_name
+from _helpers import new_name
 
 import shmdisk
 from shmdisk import _layout as L

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from conftest import new_name
+from _helpers import new_name
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import stress  # tools/ is not a package: found through the line above
+import stress  # tools/stress, on pytest's pythonpath (pyproject.toml)
 
 
 @pytest.mark.root

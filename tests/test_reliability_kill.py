@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import stress  # tools/ is not a package: found through the line above
+import stress  # tools/stress, on pytest's pythonpath (pyproject.toml)
 
 
 def test_kill_writers_mid_write_survivors_go_on() -> None:

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import multiprocessing as mp
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
+import stress  # tools/stress, on pytest's pythonpath (pyproject.toml)
 
 import shmdisk
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import stress  # tools/ is not a package: found through the line above
 
 OPS: dict[str, Callable[[shmdisk.Disk], object]] = {
     "read": lambda d: d.read(0, bytearray(512)),

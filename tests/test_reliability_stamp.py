@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import stamp  # tools/ is not a package: found through the line above
+import stamp  # tools/stamp.py, on pytest's pythonpath (pyproject.toml)
 
 SS = 512
 

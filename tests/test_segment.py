@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import new_name
+from _helpers import new_name
 
 import shmdisk
 from shmdisk import _layout as L
@@ -92,10 +92,21 @@ BAD_HEADERS = {
 }
 
 
+def real_lock_table() -> bytes:
+    """The lock table of a real disk: what a forged segment needs to be locked."""
+    name = new_name("table")
+    shmdisk.create(name, 8).disconnect()
+    try:
+        with open(shmdisk.segment_path(name), "rb") as f:
+            return f.read(L.MAP_OFFSET)[L.HEADER_SIZE :]
+    finally:
+        shmdisk.destroy(name)
+
+
 def test_forged_good_header_connects(forged: Callable[[bytes, int], str]) -> None:
     """The forging helper itself makes a valid segment (so the bad cases test one field)."""
     h = good_header()
-    name = forged(h.pack(), file_size(h))
+    name = forged(h.pack() + real_lock_table(), file_size(h))
     with shmdisk.connect(name, create=False) as d:
         assert d.get_info().size_sectors == 64
         d.write(63, bytes(512))
@@ -113,6 +124,19 @@ def test_bad_header_refused(forged: Callable[[bytes, int], str], label: str) -> 
     info = shmdisk.inspect(name)
     assert info.state in ("corrupt", "unsupported-version", "old-version") and info.problem
     assert read_file(shmdisk.segment_path(name)) == raw_before  # untouched
+
+
+def test_damaged_lock_table_refused_for_writing(forged: Callable[[bytes, int], str]) -> None:
+    """A lock table that was never initialised (or was scribbled over) is never locked: a
+    read-write connect is refused, a read-only one (which takes no locks) may read."""
+    h = good_header()
+    name = forged(h.pack(), file_size(h))
+    with pytest.raises(shmdisk.CorruptSegmentError, match="page locks are damaged"):
+        shmdisk.connect(name, create=False)
+    with shmdisk.connect(name, read_only=True, create=False) as d:
+        buf = bytearray(512)
+        d.read(0, buf)
+        assert buf == bytes(512)
 
 
 def test_file_shorter_than_header_says(forged: Callable[[bytes, int], str]) -> None:
@@ -147,6 +171,7 @@ def test_garbage_refused_at_once(forged: Callable[[bytes, int], str], content: b
 
 def _die_mid_creation(name: str) -> None:
     """Runs in a child: SIGKILL itself in the middle of creating ``name``."""
+
     def die(*args: object) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -6,14 +6,16 @@ import os
 import pathlib
 import re
 import secrets
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
 import shmdisk
-from shmdisk.testing import LeakedSegmentsError, assert_no_leaks, unique_name
+from shmdisk.testing import LeakedSegmentsError, _freeze, _overlay, assert_no_leaks, unique_name
 
 EXAMPLES = pathlib.Path(__file__).parent / "plugin_example"
 README = pathlib.Path(__file__).parent.parent / "README.md"
@@ -36,6 +38,11 @@ def left_behind(prefix: str) -> list[str]:
     return [n for n in shmdisk.list_disks() if n.startswith(prefix)]
 
 
+def shm_entries(token: str) -> set[str]:
+    """Entries of /dev/shm (segments or anything else) whose names carry ``token``."""
+    return {e for e in os.listdir("/dev/shm") if token in e}
+
+
 def run_pytest(
     tmp_path: pathlib.Path,
     files: dict[str, str],
@@ -51,11 +58,17 @@ def run_pytest(
     child_env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("PYTEST_XDIST", "PYTEST_ADDOPTS", "PYTEST_CURRENT_TEST"))
+        if not k.startswith(
+            ("PYTEST_XDIST", "PYTEST_ADDOPTS", "PYTEST_CURRENT_TEST", "SHMDISK_TESTING")
+        )
     }
+    # Only the plugins the runs need: every other installed plugin would cost start-up time
+    # in each xdist worker.
+    child_env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     child_env.update(env or {})
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--timeout=60"]
+        + ["-p", "xdist.plugin", "-p", "pytest_timeout"]
         + (["-p", "shmdisk.testing"] if plugin_option else [])
         + list(args),
         cwd=tmp_path,
@@ -80,6 +93,87 @@ def run_pytest(
 def example(name: str) -> str:
     """The text of one example file."""
     return (EXAMPLES / f"example_{name}.py").read_text()
+
+
+def run_golden(
+    tmp_path: pathlib.Path, token: str, *args: str, **env: str
+) -> tuple[dict[str, int], str, list[list[str]], dict[str, set[str]]]:
+    """Run the golden-disk example suite; return outcome counts, output, the build log (one
+    ``[event, pid, worker]`` per line) and the disk names the tests saw, by kind."""
+    names_dir = tmp_path / "names"
+    names_dir.mkdir()
+    builds = tmp_path / "builds"
+    builds.touch()
+    before = shm_entries(token)
+    files = {
+        "conftest.py": (EXAMPLES / "golden_conftest.py").read_text(),
+        "test_golden.py": example("golden"),
+    }
+    env = {"EXAMPLE_BUILDS": str(builds), "EXAMPLE_NAMES_DIR": str(names_dir), **env}
+    counts, output = run_pytest(tmp_path, files, "--shmdisk-prefix", token, *args, env=env)
+    # Nothing of the run is left in /dev/shm: no segment, nor anything else carrying its names.
+    assert shm_entries(token) == before == set(), output
+    names: dict[str, set[str]] = {"golden": set(), "overlay": set()}
+    for entry in names_dir.iterdir():
+        kind, name = entry.name.split("=")
+        names[kind].add(name)
+    return counts, output, [line.split() for line in builds.read_text().splitlines()], names
+
+
+def workers_of(names: set[str]) -> set[str]:
+    """The xdist worker ids in fixture disk names."""
+    return {m.group(1) for n in names if (m := re.search(r"-\d+-(gw\d+)-[0-9a-f]{12}$", n))}
+
+
+@pytest.mark.parametrize("xdist", [[], ["-n", "2"], ["-n", "4"]], ids=["serial", "n2", "n4"])
+def test_golden_disk_built_once_and_every_test_writes_its_own_overlay(
+    tmp_path: pathlib.Path, token: str, xdist: list[str]
+) -> None:
+    """One build per run, one golden disk on every worker, a fresh private overlay per test."""
+    counts, output, builds, names = run_golden(tmp_path, token, *xdist)
+    assert counts == {"passed": 14}, output
+    assert [event for event, _, _ in builds] == ["start", "done"], builds
+    # Every test saw the same golden disk, named after the run and nothing else.
+    (golden,) = names["golden"]
+    run = golden.rsplit("-", 1)[1]
+    assert re.fullmatch(rf"{token}-golden-build_image-[0-9a-f]{{8}}", golden), golden
+    # The twelve tests that wrote had twelve overlays of that run (see example_golden.py for
+    # the byte-for-byte checks each made).
+    assert len(names["overlay"]) == 12
+    assert all(n.startswith(f"{token}-test_overlay") and f"-{run}-" in n for n in names["overlay"])
+    if xdist:
+        # Several workers shared the golden disk that one of them built.
+        assert len(workers_of(names["overlay"])) >= 2, names
+        assert builds[0][2].startswith("gw")
+
+
+@pytest.mark.parametrize("xdist", [[], ["-n", "2"]], ids=["serial", "n2"])
+def test_golden_run_with_a_failing_test_leaves_nothing(
+    tmp_path: pathlib.Path, token: str, xdist: list[str]
+) -> None:
+    """A test failing after writing to its overlay: the overlay and the golden disk still go."""
+    counts, output, builds, names = run_golden(tmp_path, token, *xdist, EXAMPLE_FAIL="1")
+    assert counts == {"passed": 14, "failed": 1}, output
+    assert "failing on purpose" in output
+    assert [event for event, _, _ in builds] == ["start", "done"], builds
+    assert len(names["overlay"]) == 13
+
+
+def test_golden_run_with_crashing_workers_leaves_nothing(
+    tmp_path: pathlib.Path, token: str
+) -> None:
+    """A worker dying mid-build and one dying mid-test: rebuilt once, and nothing is left."""
+    counts, output, builds, names = run_golden(
+        tmp_path, token, "-n", "2", EXAMPLE_CRASH_FIRST_BUILD="1", EXAMPLE_CRASH_TEST="1"
+    )
+    # The test whose setup was building and the test that kills its worker are reported failed.
+    assert counts == {"passed": 13, "failed": 2}, output
+    assert output.count("crashed while running") == 2, output
+    # The first build died halfway; the next one (another process) started over and finished.
+    assert [event for event, _, _ in builds] == ["start", "start", "done"], builds
+    assert builds[0][1] != builds[1][1] == builds[2][1]
+    # The overlay of the killed test was never torn down; the end of the run destroyed it.
+    assert any("-test_kills_its_worker-" in n for n in names["overlay"]), names
 
 
 def kept_names(output: str) -> list[str]:
@@ -172,17 +266,37 @@ def test_no_leaks_fixture_reports_a_leak_and_removes_it(tmp_path: pathlib.Path, 
     assert left_behind(token) == []
 
 
-def test_readme_example_runs(tmp_path: pathlib.Path, token: str) -> None:
-    """The README's plugin example (conftest.py plus a test starting workers) passes as printed."""
+def readme_examples() -> list[dict[str, str]]:
+    """The README's plugin examples: each a conftest.py and the test files printed after it."""
+    examples: list[dict[str, str]] = []
     blocks = re.findall(
         r"```python\n(# (conftest\.py|test_\w+\.py)\n.*?)```", README.read_text(), re.S
     )
-    files = {filename: text for text, filename in blocks}
-    assert "conftest.py" in files and len(files) >= 2, "README example not found"
+    for text, filename in blocks:
+        if filename == "conftest.py":
+            examples.append({})
+        examples[-1][filename] = text
+    return examples
+
+
+@pytest.mark.parametrize(
+    ("index", "args", "passed"), [(0, [], 2), (1, ["-n", "4"], 8)], ids=["fixtures", "golden-n4"]
+)
+def test_readme_examples_run(
+    tmp_path: pathlib.Path, token: str, index: int, args: list[str], passed: int
+) -> None:
+    """Each README plugin example passes as printed, the golden-disk one with the -n 4 shown."""
+    examples = readme_examples()
+    assert len(examples) == 2 and all(len(e) >= 2 for e in examples), "README examples not found"
+    if args:
+        assert f"pytest {' '.join(args)}" in README.read_text()
+    before = shm_entries(token)
     # No -p here: the README's conftest.py enables the plugin itself.
-    counts, output = run_pytest(tmp_path, files, "--shmdisk-prefix", token, plugin_option=False)
-    assert counts.get("failed", 0) == 0 and counts.get("passed", 0) >= 1, output
-    assert left_behind(token) == []
+    counts, output = run_pytest(
+        tmp_path, examples[index], "--shmdisk-prefix", token, *args, plugin_option=False
+    )
+    assert counts == {"passed": passed}, output
+    assert shm_entries(token) == before == set()
 
 
 def test_unique_names_are_unique_and_valid(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -228,17 +342,6 @@ def test_assert_no_leaks_ignore_and_keep() -> None:
         shmdisk.destroy(name)
 
 
-def test_assert_no_leaks_ignores_other_xdist_workers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under xdist a segment named by another worker's unique_name is not this test's leak."""
-    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
-    other = f"other-{os.getpid()}-gw0-{secrets.token_hex(6)}"
-    try:
-        with assert_no_leaks():
-            shmdisk.create(other, 1).disconnect()
-    finally:
-        shmdisk.destroy(other)
-
-
 def test_helpers_import_without_pytest() -> None:
     """shmdisk.testing imports and its helpers work where pytest is not installed."""
     code = """
@@ -265,3 +368,158 @@ print("ok")
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+# Runs the command in argv in a new session and exits at once, printing its pid: the command's
+# process is orphaned (re-parented away from us), so it is no descendant of the test.
+_DETACH = """
+import subprocess, sys
+null = subprocess.DEVNULL
+p = subprocess.Popen(sys.argv[1:], start_new_session=True, stdin=null, stdout=null, stderr=null)
+print(p.pid)
+"""
+
+
+def start_unrelated(*cmd: str) -> int:
+    """Start ``cmd`` as a process that is not a descendant of this one; return its pid."""
+    # An unrelated process shares nothing with the test, not even the leak guard's environment.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHMDISK_TESTING")}
+    proc = subprocess.run(
+        [sys.executable, "-c", _DETACH, *cmd],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return int(proc.stdout)
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("creator", ["exited", "running"])
+def test_leak_guard_leaves_an_unrelated_process_disk_alone(creator: str) -> None:
+    """A disk that an unrelated process makes during the block is neither reported nor destroyed."""
+    name = unique_name("unrelated")
+    if creator == "exited":  # the real CLI: creates the disk and exits
+        cmd = ["-m", "shmdisk", "create", "-q", name, "8"]
+    else:  # creates the disk and stays alive until killed
+        cmd = ["-c", f"import shmdisk, time; shmdisk.create({name!r}, 8); time.sleep(600)"]
+    pid = 0
+    try:
+        with assert_no_leaks():
+            pid = start_unrelated(sys.executable, *cmd)
+            wait_until(lambda: name in shmdisk.list_disks(), "the unrelated disk exists")
+            if creator == "exited":
+                wait_until(lambda: not os.path.exists(f"/proc/{pid}"), "its creator is gone")
+        assert name in shmdisk.list_disks()
+        assert shmdisk.inspect(name).creator_pid == pid
+    finally:
+        if creator == "running" and pid:
+            os.kill(pid, signal.SIGKILL)
+        shmdisk.destroy(name)
+
+
+def test_leak_guard_catches_a_child_that_leaked_and_exited() -> None:
+    """A disk a child process named with unique_name and left behind is reported and destroyed."""
+    code = "import shmdisk, shmdisk.testing as t; n = t.unique_name('child'); "
+    code += "shmdisk.create(n, 8).disconnect(); print(n)"
+    name = ""
+    try:
+        with pytest.raises(LeakedSegmentsError) as info, assert_no_leaks():
+            child = subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+            )
+            name = child.stdout.strip()
+            assert child.returncode == 0 and name, child.stderr
+        assert info.value.names == [name]
+        assert name not in shmdisk.list_disks()
+    finally:
+        if name:
+            shmdisk.destroy(name)
+
+
+def test_leak_guard_catches_a_running_child_whatever_the_name() -> None:
+    """A disk a still-running child made under a name of its own is reported and destroyed."""
+    name = f"child-{secrets.token_hex(6)}"
+    code = f"import shmdisk, sys; shmdisk.create({name!r}, 8); print('made', flush=True); "
+    code += "sys.stdin.read()"
+    child: subprocess.Popen[str] | None = None
+    try:
+        with pytest.raises(LeakedSegmentsError) as info, assert_no_leaks():
+            child = subprocess.Popen(
+                [sys.executable, "-c", code],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert child.stdout is not None and child.stdout.readline() == "made\n"
+        assert info.value.names == [name]
+        assert name not in shmdisk.list_disks()
+    finally:
+        if child is not None:
+            child.communicate(timeout=60)  # closes its stdin: it exits
+        shmdisk.destroy(name)
+
+
+def test_overlay_reads_as_its_base_and_keeps_its_own_writes() -> None:
+    """An overlay (a sparse copy until the core has overlays) holds the base's bytes and holes,
+    takes writes the base never sees, reads zeros past a smaller base, and needs its sector size."""
+    base_name, names = unique_name("base"), [unique_name("ovl"), unique_name("big")]
+    sector = 512
+    try:
+        with shmdisk.create(base_name, 8192, sector) as base:  # 4 MiB
+            # Two data runs, one longer than a copy chunk, around and between holes.
+            base.write(8, os.urandom(3 * 1024 * 1024))
+            base.write(7000, os.urandom(20 * sector))
+            _freeze(base)
+            image = read_all(base)
+            with _overlay(names[0], base_name, None, None) as ovl:
+                assert (ovl.get_info().size_sectors, ovl.sector_size) == (8192, sector)
+                assert read_all(ovl) == image
+                assert ovl.extents() == base.extents()
+                ovl.write(9, b"\xee" * sector)
+                assert read_all(base) == image
+                assert (
+                    read_all(ovl) == image[: 9 * sector] + b"\xee" * sector + image[10 * sector :]
+                )
+            with _overlay(names[1], base_name, 10000, None) as big:
+                assert read_all(big) == image + bytes(1808 * sector)
+            with pytest.raises(shmdisk.ShmdiskError):
+                _overlay(unique_name("bad"), base_name, None, 4096)
+    finally:
+        for name in [*names, base_name]:  # overlays before their base
+            shmdisk.destroy(name)
+
+
+def read_all(disk: shmdisk.Disk) -> bytes:
+    """Every byte of ``disk``."""
+    buf = bytearray(disk.get_info().size_sectors * disk.sector_size)
+    disk.read(0, buf)
+    return bytes(buf)
+
+
+def test_golden_disk_without_the_plugin_is_a_clear_error(tmp_path: pathlib.Path) -> None:
+    """golden_disk refuses to build where no process of the run would destroy the disk."""
+    conftest = """
+from shmdisk.testing import golden_disk
+
+def build(disk):
+    raise AssertionError("must not be built")
+
+golden = golden_disk(build, 8)
+"""
+    test = "def test_uses_it(golden):\n    pass\n"
+    before = set(shmdisk.list_disks())
+    counts, output = run_pytest(
+        tmp_path, {"conftest.py": conftest, "test_it.py": test}, plugin_option=False
+    )
+    assert counts == {"error": 1}, output
+    assert "golden_disk needs the shmdisk.testing plugin" in output
+    assert not any("-golden-build-" in n for n in set(shmdisk.list_disks()) - before)

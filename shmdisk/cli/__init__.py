@@ -1,8 +1,9 @@
 """The ``shmdisk`` and ``shmdisk-ls`` commands.
 
 ``main(argv) -> int`` and ``ls_main(argv) -> int`` never call ``sys.exit`` themselves, so tests and
-other programs can call them. Exit codes: 0 ok, 1 failed, 2 usage error, 130 interrupted (Ctrl-C;
-143 when ``demo`` is stopped by SIGTERM).
+other programs can call them. Exit codes: 0 ok, 1 failed, 2 usage error, 130 interrupted (Ctrl-C),
+141 the reader of stdout went away (``shmdisk export NAME - | head``, as SIGPIPE ends other
+filters), 143 stopped by SIGTERM (``import`` and ``demo`` clean up first, as on Ctrl-C).
 Every failure is one line ``shmdisk: error: ...`` on stderr; everything a script may want to read
 has ``--json``, an object whose ``"version"`` key is bumped when a field changes meaning.
 
@@ -16,6 +17,7 @@ import argparse
 import contextlib
 import importlib
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +25,7 @@ from typing import Any
 import shmdisk
 
 from . import _demo, _image, _ls, _manage, _map
-from ._common import JSON_VERSION, CliError, describe, error
+from ._common import JSON_VERSION, CliError, Terminated, describe, error
 
 __all__ = ["JSON_VERSION", "ls_main", "main"]
 
@@ -86,16 +88,19 @@ def _dispatch(args: argparse.Namespace, prog: str) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except Terminated:
+        return 128 + signal.SIGTERM
     return 1
 
 
 def _broken_pipe() -> int:
     # `shmdisk ls | head -1`: the reader left. Point stdout at /dev/null so the interpreter's
-    # final flush does not raise again, and fail quietly as other filters do.
+    # final flush does not raise again, and end quietly with the status of a filter that
+    # SIGPIPE ended (cat, gzip: 128 + 13), which `set -o pipefail` scripts know to expect.
     with contextlib.suppress(OSError):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-    return 1
+    return 128 + signal.SIGPIPE
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace | int:
@@ -110,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``shmdisk`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     parser, sub = build_parser()
     _add_serve(sub)
+    if not (sys.argv[1:] if argv is None else argv):
+        # Bare `shmdisk`: a usage error, but one that shows the commands, not just "required".
+        parser.print_help(sys.stderr)
+        return 2
     args = _parse(parser, argv)
     if isinstance(args, int):
         return args

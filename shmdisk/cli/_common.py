@@ -1,5 +1,5 @@
-"""What every subcommand shares: the error type, output (errors, tables, the ``--json``
-envelope), connecting without creating, and argument types."""
+"""What every subcommand shares: the error types, output (errors, tables, the ``--json``
+envelope), connecting without creating, signals, and argument types."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator, Sequence
+from types import FrameType
 from typing import IO, Any
 
 import shmdisk
@@ -20,6 +23,10 @@ JSON_VERSION = 1
 
 class CliError(Exception):
     """A failure reported as one line on stderr with exit code 1."""
+
+
+class Terminated(Exception):
+    """SIGTERM arrived (``kill PID``): raised like KeyboardInterrupt, so clean-up runs."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,17 +84,80 @@ def disk_exists(name: str) -> bool:
     return os.path.lexists(shmdisk.segment_path(name))
 
 
-@contextlib.contextmanager
-def connect(name: str, *, read_only: bool) -> Iterator[shmdisk.Disk]:
-    """Connect to an existing disk; never create one as a side effect of looking at it."""
+def open_disk(name: str, *, read_only: bool) -> shmdisk.Disk:
+    """Connect to an existing disk; never create one as a side effect of looking at it.
+
+    The library's own messages for a missing or unusable disk speak of its Python API; here
+    they become the command line's (``shmdisk destroy NAME`` removes a broken segment).
+    """
     try:
-        disk = shmdisk.connect(name, read_only=read_only, create=False)
+        return shmdisk.connect(name, read_only=read_only, create=False)
     except shmdisk.DiskNotFoundError:
         raise CliError(f"no such disk: {name}") from None
+    except shmdisk.CorruptSegmentError as exc:
+        raise _unusable(name, exc) from None
+
+
+def _unusable(name: str, exc: shmdisk.CorruptSegmentError) -> Exception:
+    """A segment connect refused: what ``inspect`` calls it, and how to remove it."""
+    try:
+        info = shmdisk.inspect(name)
+    except (shmdisk.ShmdiskError, OSError):
+        return exc
+    if info.state == "ok":  # it was finished (or re-created) since: the refusal stands alone
+        return exc
+    what = info.state if info.problem is None else f"{info.state}: {info.problem}"
+    return CliError(f"disk {name} cannot be used ({what}); `shmdisk destroy {name}` removes it")
+
+
+@contextlib.contextmanager
+def connect(name: str, *, read_only: bool) -> Iterator[shmdisk.Disk]:
+    """``open_disk`` for the length of a ``with`` block."""
+    disk = open_disk(name, read_only=read_only)
     try:
         yield disk
     finally:
         disk.disconnect()
+
+
+# --------------------------------------------------------------------------------------------
+# Signals
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within the block SIGTERM raises ``Terminated`` in the main thread, so ``finally`` and
+    ``except`` clauses clean up after ``kill PID`` as they do after Ctrl-C.
+
+    Only the main thread may set handlers; called from another thread, nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then let them through.
+
+    For a step and the record of it (a disk created, and ``created = True``) that a signal must
+    not separate, and for a clean-up that a second Ctrl-C must not cut short.
+    """
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 # --------------------------------------------------------------------------------------------

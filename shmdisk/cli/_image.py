@@ -17,7 +17,17 @@ from typing import IO, Any
 import shmdisk
 from shmdisk._units import format_bytes, format_bytes_long
 
-from ._common import CliError, connect, disk_exists, print_json, sector_size_arg, subcommand
+from ._common import (
+    CliError,
+    connect,
+    disk_exists,
+    open_disk,
+    print_json,
+    sector_size_arg,
+    signals_held,
+    sigterm_raises,
+    subcommand,
+)
 
 _CHUNK = 1 << 20  # bytes per read/write while copying images: large enough to run at memcpy speed
 
@@ -159,6 +169,12 @@ def _spool(src_fd: int, limit: int, granule: int) -> IO[bytes]:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    # `kill PID` must clean up like Ctrl-C: a disk this command created is not left behind.
+    with sigterm_raises():
+        return _import(args)
+
+
+def _import(args: argparse.Namespace) -> int:
     name, path = args.name, args.file
     label = "stdin" if path == "-" else path
     created = False
@@ -180,7 +196,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         if exists:
             if not os.access(shmdisk.segment_path(name), os.W_OK):
                 raise CliError(f"disk {name} is read-only for this user; nothing written")
-            disk = shmdisk.connect(name, create=False)
+            disk = open_disk(name, read_only=False)
             if not disk.get_info().read_write:
                 raise CliError(f"disk {name} is read-only; nothing written")
             sector_size = disk.sector_size
@@ -214,17 +230,20 @@ def cmd_import(args: argparse.Namespace) -> int:
                 f" (grow it first: shmdisk resize {name} {image_sectors})"
             )
         if disk is None:
-            disk = shmdisk.create(name, image_sectors, sector_size)
-            created = True
+            with signals_held():  # a signal must not come between the create and its record
+                disk = shmdisk.create(name, image_sectors, sector_size)
+                created = True
         t0 = time.monotonic()
         data_bytes = _copy_in(disk, src_fd, image_size, label, _progress_enabled(args))
         seconds = time.monotonic() - t0
     except BaseException:
         if created:
-            # A disk this command made and failed to fill is not left behind half-written.
-            if disk is not None:
-                disk.disconnect()
-            shmdisk.destroy(name)
+            # A disk this command made and failed to fill is not left behind half-written,
+            # even when a second Ctrl-C or SIGTERM follows the first.
+            with signals_held():
+                if disk is not None:
+                    disk.disconnect()
+                shmdisk.destroy(name)
         raise
     finally:
         if disk is not None:
@@ -316,7 +335,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             fd = sys.stdout.fileno()
             own_fd = False
         else:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            fd = _open_target(path, _image_mode(name), args.force)
             own_fd = True
         try:
             st = os.fstat(fd)
@@ -356,6 +375,31 @@ def cmd_export(args: argparse.Namespace) -> int:
             file=status,
         )
     return 0
+
+
+def _image_mode(name: str) -> int:
+    """Permission bits for a new image of disk ``name``: the disk's own, less any execute bit.
+
+    An image holds the disk's bytes, so it is no more open than the disk: the default 0600 disk
+    gives a 0600 file (the umask may narrow it further, never widen it).
+    """
+    return stat.S_IMODE(os.stat(shmdisk.segment_path(name)).st_mode) & 0o666
+
+
+def _open_target(path: str, mode: int, force: bool) -> int:
+    """Open the image file for writing.
+
+    Without ``force`` only a new file is made (``O_EXCL``, which also never follows a symlink):
+    a file, link or device already at ``path`` may be someone else's, and writing the disk into
+    it could hand them its contents. ``--force`` overwrites what is there, through a symlink
+    too, keeping an existing file's own permissions.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+    try:
+        return os.open(path, flags if force else flags | os.O_EXCL, mode)
+    except FileExistsError:
+        what = "a symbolic link" if os.path.islink(path) else "there already"
+        raise CliError(f"{path} is {what}; nothing written (add --force to overwrite it)") from None
 
 
 def _fd_flags(fd: int) -> int:
@@ -489,13 +533,22 @@ def register(sub: Any) -> None:
         sub,
         "export",
         "copy a disk out to a raw image file",
-        "Only data is written: a regular output file gets holes where the disk has none, so it\n"
-        "takes no more room than the data. To a pipe ('-' for stdout) holes go out as zeros.\n"
+        "Only data is written: a regular output file gets holes where the disk has holes, so\n"
+        "it takes no more room than the data. To a pipe ('-' for stdout) holes go out as zeros.\n"
+        "A new FILE gets the disk's permission bits (0600 for a default disk); an existing one,\n"
+        "or a symlink, is refused unless --force.\n"
         "\nexample:\n  shmdisk export scratch disk.img\n"
+        "  shmdisk export --force scratch /dev/nbd0\n"
         "  shmdisk export scratch - | gzip > disk.img.gz",
     )
     p.add_argument("name", metavar="NAME")
     p.add_argument("file", metavar="FILE")
+    p.add_argument(
+        "-f",
+        "--force",
+        action="store_true",
+        help="overwrite FILE if it exists (following a symlink there)",
+    )
     _add_progress(p)
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     p.add_argument("--json", action="store_true", help="print a summary as JSON")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import grp
 import os
 import pwd
 import time
@@ -35,8 +36,6 @@ def _owner(uid: int | None) -> str:
 def _group(gid: int | None) -> str:
     if gid is None:
         return "-"
-    import grp  # local: only `info` needs group names
-
     try:
         return grp.getgrgid(gid).gr_name
     except KeyError:
@@ -187,7 +186,8 @@ def inspect_all(names: Sequence[str]) -> tuple[list[dict[str, Any]], list[str]]:
     errors = []
     for name in names:
         try:
-            # inspect describes FIFOs, directories and symlinks without opening them.
+            # inspect describes FIFOs, directories and symlinks without opening them, and
+            # another user's disk this user may not read from its file alone ("unreadable").
             infos.append(shmdisk.inspect(name))
         except shmdisk.DiskNotFoundError:
             # Destroyed between list_disks() and inspect(): only worth an error when asked for.
@@ -338,9 +338,10 @@ def add_ls_arguments(p: argparse.ArgumentParser) -> None:
 LS_DESCRIPTION = """\
 List every shmdisk on the machine (or only NAME...), like lsblk: size, sector and page size,
 how much holds data (MAPPED, USE%), the memory the segment really uses (MEM), what you may do
-with it (RW), owner, mode, creation time, the processes holding it open (HOLDERS, "?" when not
-every process can be looked at) and its STATE. A corrupt, half-created or foreign-version
-segment is listed with its state and never modified."""
+with it (RW: rw, ro or --), owner, mode, creation time, the processes holding it open (HOLDERS,
+"?" when not every process can be looked at) and its STATE. A corrupt, half-created or
+foreign-version segment is listed with its state and never modified; another user's disk that
+you may not read is listed as unreadable, with its owner, mode and memory."""
 
 LS_EPILOG = """\
 examples:

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 import shmdisk
+from shmdisk._layout import MAX_DISK_BYTES
 from shmdisk._units import format_bytes_long, parse_size
 
 from ._common import (
@@ -24,6 +25,15 @@ from ._ls import inspect_all
 def cmd_create(args: argparse.Namespace) -> int:
     size = parse_size(args.size, args.sector_size)
     max_size = None if args.max_size is None else parse_size(args.max_size, args.sector_size)
+    if max_size is not None:
+        # Checked here so the message names the option, not the library's parameter.
+        largest = MAX_DISK_BYTES // args.sector_size
+        if not size <= max_size <= largest:
+            raise CliError(
+                f"--max-size {args.max_size} ({max_size} sectors) must lie between SIZE"
+                f" ({size} sectors) and the largest disk ({largest} sectors,"
+                f" {format_bytes_long(MAX_DISK_BYTES)})"
+            )
     disk = shmdisk.create(
         args.name, size, args.sector_size, mode=args.mode, max_size_sectors=max_size
     )
@@ -76,6 +86,14 @@ def cmd_resize(args: argparse.Namespace) -> int:
             raise CliError(
                 f"shrinking disk {args.name} from {before.size_sectors} to {size} sectors drops"
                 " the data at its end; add --shrink to do it anyway"
+            )
+        limit = shmdisk.inspect(args.name).max_size_sectors
+        if limit is not None and size > limit:
+            ss = before.sector_size
+            raise CliError(
+                f"disk {args.name} may grow to {limit} sectors"
+                f" ({format_bytes_long(limit * ss)}) at most, the limit set when it was created"
+                " (shmdisk create --max-size); nothing changed"
             )
         disk.resize(size)
         after = disk.get_info()

@@ -1,0 +1,80 @@
+"""Long, configurable reliability runs against real shmdisk disks, printing figures.
+
+Usage::
+
+    python3 tools/stress torture --duration 60 --processes 4
+    python3 tools/stress torture --blocks --resize --duration 30   # discards and shrinks
+    python3 tools/stress kill --duration 60
+    python3 tools/stress resize-destroy --duration 60
+    python3 tools/stress enospc --duration 30          # root: needs unshare -m
+    python3 tools/stress hostile --examples 5000
+    python3 tools/stress permissions                   # root: drops to uid 65534
+    python3 tools/stress all --duration 10 --json
+
+Sample output (``torture -d 3 --seed 1``, 2 cores; figures abridged)::
+
+    torture          1.0s  ops 17296  16873/s  torn 0  corrupt 0
+    torture          2.0s  ops 45120  22034/s  torn 0  corrupt 0
+    torture          3.0s  ops 74528  24375/s  torn 0  corrupt 0
+    torture: PASS  (3.5 s)
+        processes                                    4
+        ops                                          85472
+        reads                                        42814
+        writes                                       42654
+        torn_reads                                   0
+        corrupt_reads                                0
+        ops_per_s                                    27279
+
+Scenarios (see RELIABILITY.md for what each one proves and the figures of a real run):
+
+- torture: N processes do random reads and writes (1 sector to several pages, overlapping,
+  crossing page boundaries); every sector is stamped (tools/stamp.py), every read is checked.
+- kill: writers are SIGKILLed at random moments, while holding locks, mid large write; the
+  survivors must go on (longest stall measured, hangs counted); completed writes stay whole.
+- resize-destroy: one process resizes, one destroys and re-creates, others do I/O; no process
+  may die of a signal; operations on destroyed handles raise DisconnectedError.
+- enospc: in a private mount namespace with a small tmpfs over /dev/shm, write until
+  DiskFullError; nothing partly written, old data intact, discard gives the space back.
+- hostile: hypothesis-driven calls with bad arguments against a model, and forged segments
+  (bad headers) connected in a child process, so a SIGBUS shows as a failure.
+- permissions: a disk made with the default mode is refused to another uid.
+
+Run it from a checkout as ``python3 tools/stress ...`` (the directory runs as a program), or as
+``python3 -m stress ...`` with ``tools/`` on the path (pytest puts it there, see pyproject.toml).
+One module per scenario (torture, kill, resize_destroy, enospc, hostile with forged, permissions),
+``_common`` and ``_requests`` shared by them, ``cli`` the command line; this package re-exports
+what the tests call.
+
+Exit status: 0 every scenario passed, 1 a scenario failed, 2 bad usage.
+``--json`` prints one object: ``{"version": 1, "results": [{"scenario", "ok", "figures",
+"problems", "seconds"}, ...]}``.
+"""
+
+from ._common import Options, Result, unique_name
+from .cli import JSON_VERSION, RUNNERS, SCENARIOS, main
+from .enospc import enospc_child, run_enospc
+from .forged import hostile_segments
+from .hostile import hostile_api, run_hostile
+from .kill import run_kill
+from .permissions import run_permissions
+from .resize_destroy import run_resize_destroy
+from .torture import run_torture
+
+__all__ = [
+    "JSON_VERSION",
+    "RUNNERS",
+    "SCENARIOS",
+    "Options",
+    "Result",
+    "enospc_child",
+    "hostile_api",
+    "hostile_segments",
+    "main",
+    "run_enospc",
+    "run_hostile",
+    "run_kill",
+    "run_permissions",
+    "run_resize_destroy",
+    "run_torture",
+    "unique_name",
+]
