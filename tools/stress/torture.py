@@ -107,6 +107,7 @@ def _blocks_loop(
     slot: int,
     problems: list[str],
     window: int,
+    size: int,
     mix: str,
 ) -> None:
     """Whole-block writes, discards and zeroings, checked by whole-block reads.
@@ -120,7 +121,6 @@ def _blocks_loop(
     base = slot * _T_FIELDS
     ss = disk.sector_size
     pps = disk.page_size // ss
-    size = disk.get_info().size_sectors
     blen = 2 * pps + 3
     first = size - window + 1
     nblocks = (window - 1) // blen
@@ -204,11 +204,16 @@ def _torture_worker(
     threads: int,
     window: int,
     blocks: bool,
+    size: int,
     mix: str,
     counters: Any,
     out: Any,
 ) -> None:
-    """One process: ``threads`` threads share one Disk handle (the handle is thread-safe)."""
+    """One process: ``threads`` threads share one Disk handle (the handle is thread-safe).
+
+    ``size`` is the disk's full size: with resizes on, what get_info() says at any moment may
+    be a shrink in progress, and blocks laid out from that would straddle everyone else's.
+    """
     res: dict[str, Any] = {"wid": wid, "problems": [], "error": None}
     t_start = t_end = time.monotonic()
     errors: list[str] = []
@@ -230,6 +235,7 @@ def _torture_worker(
                         wid * threads + t,
                         res["problems"],
                         window,
+                        size,
                         mix,
                     )
                     return
@@ -322,6 +328,7 @@ def run_torture(opt: Options) -> Result:
                     opt.threads,
                     window,
                     opt.blocks,
+                    size,
                     ("d" if opt.discard else "")
                     + ("r" if opt.resize else "")
                     + ("c" if opt.churn else ""),
