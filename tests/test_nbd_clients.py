@@ -126,9 +126,9 @@ def test_nbdinfo_map_of_a_fragmented_disk_across_short_replies(
     server: NBDServer, disk: shmdisk.Disk, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With replies capped at 4 extents, nbdinfo --map still gets all 80 runs right."""
-    from shmdisk.nbd import server as server_module
+    from shmdisk.nbd import _handlers
 
-    monkeypatch.setattr(server_module, "_MAX_EXTENTS", 4)
+    monkeypatch.setattr(_handlers, "MAX_EXTENTS", 4)
     page = disk.page_size
     for p in range(1, 80, 2):
         disk.write_at(p * page, b"f")
@@ -356,3 +356,46 @@ def test_serve_command_missing_disk_fails_and_create_makes_it(sockdir: str) -> N
             assert serve.stop() == 0
         finally:
             shmdisk.destroy(name)
+
+
+@need("nbdinfo")
+def test_nbdinfo_list_and_unknown_exports_log_plainly(
+    two_disks: list[shmdisk.Disk], sockdir: str
+) -> None:
+    """`nbdinfo --list` (which aborts without waiting for the ACK) logs no socket error; an
+    unknown export is logged with the name the client asked for."""
+    path = os.path.join(sockdir, "log.sock")
+    a, b = two_disks
+    serve = Serve(a.name, b.name, "--socket", path)
+    try:
+        serve.wait_for("serving")
+        listing = json.loads(ok("nbdinfo", "--list", "--json", f"nbd+unix:///?socket={path}"))
+        assert {e["export-name"] for e in listing["exports"]} == {a.name, b.name}
+        missing = run("nbdinfo", f"nbd+unix:///no-such-export?socket={path}")
+        assert missing.returncode != 0
+        serve.wait_for(r"conn 2 .*closed")
+    finally:
+        assert serve.stop() == 0
+    assert "Broken pipe" not in serve.log and "socket error" not in serve.log, serve.log
+    assert re.search(r"conn 1 .*: closed \(client aborted\)", serve.log), serve.log
+    assert re.search(r"conn 2 .*unknown export 'no-such-export'", serve.log), serve.log
+
+
+def test_serve_bind_error_names_the_address(two_disks: list[shmdisk.Disk]) -> None:
+    """An address in use is one error line that says which address, and exit status 1."""
+    name = two_disks[0].name
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "shmdisk", "serve", name, "--bind", f"127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+    assert done.returncode == 1
+    assert done.stderr == (
+        f"shmdisk serve: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    )

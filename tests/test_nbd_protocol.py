@@ -10,12 +10,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from conftest import new_name
 
 import shmdisk
-from shmdisk.nbd import NBDServer
+from shmdisk.nbd import Access, NBDServer, Peer, Transport, _buffers, _handlers, _transmission
 from shmdisk.nbd import _proto as P
 
 TIMEOUT = 10.0
@@ -663,9 +664,7 @@ def test_block_status_stops_at_the_extent_limit(
     client: Client, disks: list[shmdisk.Disk], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A fragmented range gets a short reply (at most the limit); asking on continues it."""
-    from shmdisk.nbd import server as server_module
-
-    monkeypatch.setattr(server_module, "_MAX_EXTENTS", 3)
+    monkeypatch.setattr(_handlers, "MAX_EXTENTS", 3)
     disk = disks[0]
     page = disk.page_size
     for p in range(0, 8, 2):
@@ -854,3 +853,222 @@ def test_half_closed_client_still_gets_every_reply(client: Client) -> None:
         assert client.simple(i) == (0, b"")
     assert client.simple(99, 1024) == (0, b"\x01" * 512 + b"\x02" * 512)
     assert client.closed_by_server()
+
+
+# --- requests of one connection served in parallel ---------------------------------------------
+
+
+def recv_reply(c: Client, payloads: dict[int, int]) -> tuple[int, int, bytes]:
+    """The next simple reply: (handle, error, data); ``payloads`` says which handles have data."""
+    magic, error, handle = P.SIMPLE_REPLY.unpack(c.recv(P.SIMPLE_REPLY.size))
+    assert magic == P.SIMPLE_REPLY_MAGIC
+    n = payloads.get(handle, 0) if error == 0 else 0
+    return handle, error, c.recv(n)
+
+
+def slow_down(monkeypatch: pytest.MonkeyPatch, method: str, seconds: float) -> list[bool]:
+    """Make ``Disk.<method>`` (read_at or write_at) take ``seconds`` for 64 KiB or more; the
+    list returned records, per slowed call, whether it was allowed to wait (on a worker)."""
+    original = getattr(shmdisk.Disk, method)
+    calls: list[bool] = []
+
+    def slow(self: shmdisk.Disk, offset: int, buf: Any, *, wait: bool = True) -> None:
+        if len(memoryview(buf)) >= 64 * 1024:
+            calls.append(wait)
+            time.sleep(seconds)
+        original(self, offset, buf, wait=wait)
+
+    monkeypatch.setattr(shmdisk.Disk, method, slow)
+    return calls
+
+
+@pytest.fixture
+def wide(sockdir: str) -> Iterator[tuple[shmdisk.Disk, Client]]:
+    """A 1 MiB disk, and a client in transmission with simple replies and no block sizes."""
+    name = new_name("nbdwide")
+    disk = shmdisk.create(name, 2048)
+    try:
+        with NBDServer([disk], socket_path=os.path.join(sockdir, "wide")) as srv:
+            c = Client(str(srv.address))
+            c.greet()
+            assert c.go()[-1][0] == P.REP_ACK
+            yield disk, c
+            c.close()
+    finally:
+        disk.disconnect()
+        shmdisk.destroy(name)
+
+
+def test_a_small_read_overtakes_a_slow_big_one(
+    wide: tuple[shmdisk.Disk, Client], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A big READ with another request behind it goes to a worker; the small READ after it is
+    answered first, each reply with its own data."""
+    disk, c = wide
+    calls = slow_down(monkeypatch, "read_at", 0.5)
+    disk.write_at(0, b"B" * 65536 + b"s" * 512)
+    big = P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, 1, 0, 65536)
+    small = P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, 2, 65536, 512)
+    c.sock.sendall(big + small)
+    sizes = {1: 65536, 2: 512}
+    assert recv_reply(c, sizes) == (2, 0, b"s" * 512)
+    assert recv_reply(c, sizes) == (1, 0, b"B" * 65536)
+    assert calls == [True]  # served by a worker
+
+
+def test_flush_waits_for_the_writes_received_before_it(
+    wide: tuple[shmdisk.Disk, Client], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WRITE, FLUSH, READ in one burst: the READ need not wait, but the FLUSH is answered only
+    after the WRITE before it has completed."""
+    disk, c = wide
+    slow_down(monkeypatch, "write_at", 0.5)
+    burst = P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, 1, 0, 65536) + b"W" * 65536
+    burst += P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_FLUSH, 2, 0, 0)
+    burst += P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, 3, 65536, 512)
+    c.sock.sendall(burst)
+    order = [recv_reply(c, {3: 512})[:2] for _ in range(3)]
+    assert order == [(3, 0), (1, 0), (2, 0)]
+    got = bytearray(65536)
+    disk.read_at(0, got)
+    assert got == b"W" * 65536
+
+
+def test_a_request_the_disk_would_block_on_waits_on_a_worker(
+    wide: tuple[shmdisk.Disk, Client], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request whose pages another process holds (the disk says WouldBlockError to a
+    wait=False call) is served by a worker that waits, while later requests go on."""
+    disk, c = wide
+    disk.write_at(0, b"L" * 4096 + b"f" * 4096)
+    original = shmdisk.Disk.read_at
+    held = threading.Event()
+    waits: list[bool] = []
+
+    def read_at(self: shmdisk.Disk, offset: int, buf: Any, *, wait: bool = True) -> None:
+        if offset == 0:
+            waits.append(wait)
+            if not wait:
+                raise shmdisk.WouldBlockError("pages 0-0 are locked elsewhere")
+            assert held.wait(TIMEOUT)  # "the other process" lets go
+        original(self, offset, buf, wait=wait)
+
+    monkeypatch.setattr(shmdisk.Disk, "read_at", read_at)
+    first = P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, 1, 0, 4096)
+    second = P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, 2, 4096, 4096)
+    c.sock.sendall(first + second)
+    sizes = {1: 4096, 2: 4096}
+    assert recv_reply(c, sizes) == (2, 0, b"f" * 4096)
+    held.set()
+    assert recv_reply(c, sizes) == (1, 0, b"L" * 4096)
+    assert waits == [False, True]
+
+
+def test_requests_in_flight_stay_within_the_budget(
+    wide: tuple[shmdisk.Disk, Client], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client pipelining more big writes than the budget allows: the server stops reading
+    rather than holding more payloads; every write still lands and is answered."""
+    disk, c = wide
+    monkeypatch.setattr(_transmission, "BUDGET", 256 * 1024)
+    slow_down(monkeypatch, "write_at", 0.02)
+    live = peak = 0
+    lock = threading.Lock()
+    take, give = _buffers.BufferPool.take, _buffers.BufferPool.give
+
+    def counting_take(self: _buffers.BufferPool) -> _buffers.Buffer:
+        nonlocal live, peak
+        with lock:
+            live += 1
+            peak = max(peak, live)
+        return take(self)
+
+    def counting_give(self: _buffers.BufferPool, buf: _buffers.Buffer) -> None:
+        nonlocal live
+        with lock:
+            live -= 1
+        give(self, buf)
+
+    monkeypatch.setattr(_buffers.BufferPool, "take", counting_take)
+    monkeypatch.setattr(_buffers.BufferPool, "give", counting_give)
+    n, size = 16, 65536
+    burst = b"".join(
+        P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, i, i * size, size) + bytes([i + 1]) * size
+        for i in range(n)
+    )
+    sender = threading.Thread(target=c.sock.sendall, args=(burst,))
+    sender.start()
+    answered = {recv_reply(c, {})[:2] for _ in range(n)}
+    sender.join(TIMEOUT)
+    assert answered == {(i, 0) for i in range(n)}
+    # The budget holds 4 payloads with the workers, plus the one being received.
+    assert peak <= 256 * 1024 // size + 1
+    got = bytearray(n * size)
+    disk.read_at(0, got)
+    assert got == b"".join(bytes([i + 1]) * size for i in range(n))
+
+
+# --- what a connection may do: the peer and the access policy ----------------------------------
+
+
+def test_access_policy_sees_the_peer_and_decides_per_export(
+    disks: list[shmdisk.Disk], sockdir: str
+) -> None:
+    """One policy decides for LIST, INFO/GO and EXPORT_NAME alike: read-only is enforced,
+    refused exports are hidden from LIST and refused with ERR_POLICY (or a hang-up)."""
+    seen: list[tuple[str, Peer]] = []
+    ro, hidden = disks[0].name, disks[1].name
+
+    def policy(export: str, peer: Peer) -> Access:
+        seen.append((export, peer))
+        return Access.READ_ONLY if export == ro else Access.REFUSED
+
+    with NBDServer(disks, socket_path=os.path.join(sockdir, "acl"), access=policy) as srv:
+        c = Client(str(srv.address))
+        try:
+            c.greet()
+            c.option(P.OPT_LIST)
+            replies = c.replies(P.OPT_LIST)
+            assert [d[4:].decode() for _, d in replies[:-1]] == [ro]
+            assert [k for k, _ in c.go(hidden)] == [P.REP_ERR_POLICY]
+            replies = c.go(ro)
+            assert replies[-1][0] == P.REP_ACK and info_export(replies)[1] & P.FLAG_READ_ONLY
+            assert c.write(0, b"x" * 512) == P.EPERM
+            assert c.read(0, 512) == bytes(512)
+        finally:
+            c.close()
+        c = Client(str(srv.address))
+        try:
+            c.greet()
+            c.option(P.OPT_EXPORT_NAME, hidden.encode())
+            assert c.closed_by_server()
+        finally:
+            c.close()
+    peer = seen[0][1]
+    assert peer.transport is Transport.UNIX and not peer.activated and peer.address is None
+    assert peer.credentials is not None and peer.credentials.pid == os.getpid()
+    assert peer.credentials.uid == os.getuid()
+    assert {e for e, _ in seen} == {ro, hidden}
+
+
+def test_tcp_peer_has_an_address_and_no_credentials(disks: list[shmdisk.Disk]) -> None:
+    """Over TCP the peer is named by host:port; the kernel vouches for no process there."""
+    seen: list[Peer] = []
+
+    def policy(export: str, peer: Peer) -> Access:
+        seen.append(peer)
+        return Access.READ_WRITE
+
+    with NBDServer(disks, host="127.0.0.1", port=0, access=policy) as srv:
+        address = srv.address
+        assert isinstance(address, tuple)
+        s = socket.create_connection(address, timeout=TIMEOUT)
+        c = Client.__new__(Client)
+        c.sock, c.structured = s, False
+        try:
+            c.start()
+            local = s.getsockname()
+        finally:
+            c.close()
+    assert seen and seen[0].transport is Transport.TCP and seen[0].credentials is None
+    assert seen[0].address == f"{local[0]}:{local[1]}"

@@ -9,8 +9,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-DEFAULT_PORT = 10809
-DEFAULT_HOST = "127.0.0.1"
+from ._proto import DEFAULT_HOST, DEFAULT_PORT
+
+DESCRIPTION = """\
+Serve one or more disks to NBD clients (nbdinfo, nbdcopy, qemu-img, nbdfuse, nbd-client).
+Clients pick a disk by export name; the first NAME is also the default export. Local
+processes keep using the disks through shared memory at the same time."""
+
+EXAMPLES = """\
+examples:
+  shmdisk serve vm0 --socket /tmp/nbd.sock      nbd+unix:///vm0?socket=/tmp/nbd.sock
+  shmdisk serve vm0 data --bind 0.0.0.0:10809   two exports over TCP, on every interface
+  shmdisk serve --read-only --create scratch    clients may only read
+"""
 
 
 def parse_bind(text: str) -> tuple[str, int]:
@@ -47,11 +58,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = subparsers.add_parser(
         "serve",
         help="export disks over the NBD protocol",
-        description=(
-            "Serve one or more disks to NBD clients (nbdinfo, nbdcopy, qemu-img, nbd-client). "
-            "Clients pick a disk by export name; the first NAME is the default export. "
-            "Local processes keep using the disks through shared memory at the same time."
-        ),
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("names", nargs="+", metavar="NAME", help="disk to export (export name = NAME)")
     where = p.add_mutually_exclusive_group()
