@@ -1072,3 +1072,55 @@ def test_tcp_peer_has_an_address_and_no_credentials(disks: list[shmdisk.Disk]) -
             c.close()
     assert seen and seen[0].transport is Transport.TCP and seen[0].credentials is None
     assert seen[0].address == f"{local[0]}:{local[1]}"
+
+
+# --- protocol points found by comparing with nbdkit and qemu-nbd ------------------------------
+
+
+def test_stop_answers_every_request_already_received(
+    disks: list[shmdisk.Disk], sockdir: str
+) -> None:
+    """On stop (SIGTERM), every request the server received gets a reply before it hangs up:
+    served, or ESHUTDOWN for those not started, so a stop is quick even with gigabytes of
+    reads queued (serving them all would outlast the stop's timeout and leave them unanswered).
+    """
+    path = os.path.join(sockdir, "term")
+    srv = NBDServer([disks[1]], socket_path=path).start()
+    c = Client(path)
+    n, size = 50_000, 16 * 4096  # 3 GiB of reads
+    sent = 0
+
+    def send_requests() -> None:
+        nonlocal sent
+        try:
+            for i in range(n):
+                c.sock.sendall(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, i, 0, size))
+                sent += 1  # all of it is in the server's socket now, so it was received
+        except OSError:
+            pass  # the server shut its receiving side: the rest is refused
+
+    try:
+        c.start()
+        sender = threading.Thread(target=send_requests)
+        sender.start()
+        time.sleep(0.3)
+        stopper = threading.Thread(target=srv.stop, kwargs={"timeout": 1.0})
+        stopper.start()
+        errors: dict[int, int] = {}
+        try:
+            while True:
+                magic, error, handle = P.SIMPLE_REPLY.unpack(c.recv(P.SIMPLE_REPLY.size))
+                assert magic == P.SIMPLE_REPLY_MAGIC and handle not in errors
+                errors[handle] = error
+                if error == 0:
+                    assert c.recv(size) == bytes(size)
+        except EOFError:
+            pass  # the server hung up after its last reply
+        sender.join(TIMEOUT)
+        stopper.join(TIMEOUT)
+        assert 0 < sent < n
+        assert set(errors) == set(range(sent)), f"{sent - len(errors)} requests got no reply"
+        assert set(errors.values()) == {0, P.ESHUTDOWN}
+    finally:
+        c.close()
+        srv.stop()

@@ -155,6 +155,8 @@ class Transmission:
             else:
                 # The spec allows hanging up rather than reading (and dropping) the payload.
                 raise Closed(f"WRITE of {req.length} bytes exceeds the {P.MAX_REQUEST} maximum")
+        if problem is None and self.stopping():
+            problem = RequestError(P.ESHUTDOWN, "server is shutting down")
         if problem is not None:
             if buf is not None:
                 self.pool.give(buf)
