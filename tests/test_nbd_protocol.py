@@ -1124,3 +1124,22 @@ def test_stop_answers_every_request_already_received(
     finally:
         c.close()
         srv.stop()
+
+
+def test_unaligned_trim_discards_the_whole_pages_inside(
+    client: Client, disks: list[shmdisk.Disk]
+) -> None:
+    """TRIM is a hint: even from a client held to block sizes, an unaligned TRIM is accepted
+    and gives back exactly the whole pages inside it, leaving the ragged ends alone."""
+    disk = disks[0]
+    page = disk.page_size
+    disk.write_at(0, b"\xdd" * (4 * page))
+    client.start()  # asks for block sizes in GO: held to 512-byte alignment
+    assert client.error_of(client.request(P.CMD_TRIM, 100, 3 * page - 200)) == 0
+    assert [e.mapped for e in disk.extents(0, 4 * page // 512)] == [True, False, True]
+    assert disk.mapped_pages() == 3  # pages 0, 2, 3: page 1 was the only whole page inside
+    expect = b"\xdd" * page + bytes(page) + b"\xdd" * (2 * page)
+    assert client.read(0, 4 * page) == expect
+    # A TRIM with no whole page inside changes nothing and still succeeds.
+    assert client.error_of(client.request(P.CMD_TRIM, 2 * page + 1, page - 2)) == 0
+    assert client.read(0, 4 * page) == expect

@@ -59,13 +59,16 @@ class DiskCommands:
         return self.replies.ok(req.handle)
 
     def trim(self, req: Request, buf: Buffer | None, wait: bool) -> Reply:
-        # TRIM is a hint: only whole sectors inside the range are discarded (the spec lets the
-        # server round the start up and the end down).
-        ss = self.sector_size
-        first = -(-req.offset // ss)
-        last = (req.offset + req.length) // ss
-        if last > first:
-            self.disk.discard(first, last - first)
+        # TRIM is a hint: the whole pages inside the range are given back, and the partly
+        # covered pages at its ends are left as they are (zeroing them would be a write the
+        # client did not ask for). A range that reaches the end of the export covers its
+        # last page even when the export ends mid-page.
+        offset, end = req.offset, req.offset + req.length
+        page, ss = self.page_size, self.sector_size
+        lo = -(-offset // page) * page
+        hi = end if end == self.size else end // page * page
+        if hi > lo:
+            self.disk.discard(lo // ss, (hi - lo) // ss)
         return self.replies.ok(req.handle)
 
     def write_zeroes(self, req: Request, buf: Buffer | None, wait: bool) -> Reply:

@@ -42,8 +42,8 @@ _ALLOWED_FLAGS = {
     P.CMD_WRITE_ZEROES: P.CMD_FLAG_FUA | P.CMD_FLAG_NO_HOLE | P.CMD_FLAG_FAST_ZERO,
     P.CMD_BLOCK_STATUS: P.CMD_FLAG_FUA | P.CMD_FLAG_REQ_ONE,
 }
-# A CACHE does nothing, so it need not be aligned.
-_ALIGNED = frozenset({P.CMD_READ, P.CMD_WRITE, P.CMD_TRIM, P.CMD_WRITE_ZEROES, P.CMD_BLOCK_STATUS})
+# Hints need not be aligned: a TRIM covers the whole pages inside it, a CACHE does nothing.
+_ALIGNED = frozenset({P.CMD_READ, P.CMD_WRITE, P.CMD_WRITE_ZEROES, P.CMD_BLOCK_STATUS})
 
 
 class RequestError(Exception):
