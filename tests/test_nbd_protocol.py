@@ -1143,3 +1143,29 @@ def test_unaligned_trim_discards_the_whole_pages_inside(
     # A TRIM with no whole page inside changes nothing and still succeeds.
     assert client.error_of(client.request(P.CMD_TRIM, 2 * page + 1, page - 2)) == 0
     assert client.read(0, 4 * page) == expect
+
+
+@pytest.fixture
+def big_disk() -> Iterator[shmdisk.Disk]:
+    """64 MiB of 512-byte sectors: room for requests past the 32 MiB maximum (sparse: free)."""
+    name = new_name("nbdbig")
+    d = shmdisk.create(name, 2 * P.MAX_REQUEST // 512)
+    yield d
+    d.disconnect()
+    shmdisk.destroy(name)
+
+
+@pytest.fixture
+def big_client(big_disk: shmdisk.Disk, sockdir: str) -> Iterator[Client]:
+    with NBDServer([big_disk], socket_path=os.path.join(sockdir, "big")) as srv:
+        c = Client(str(srv.address))
+        yield c
+        c.close()
+
+
+def test_cache_beyond_the_maximum_request_is_accepted(big_client: Client) -> None:
+    """CACHE carries no payload, so a length past the 32 MiB maximum is fine (it does nothing)."""
+    big_client.start(structured=True)
+    handle = big_client.request(P.CMD_CACHE, 0, P.MAX_REQUEST + 512)
+    assert big_client.error_of(handle) == 0
+    assert big_client.error_of(big_client.request(P.CMD_CACHE, 512, 2 * P.MAX_REQUEST)) == P.EINVAL

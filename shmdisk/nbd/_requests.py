@@ -95,7 +95,7 @@ class Checker:
             if offset or length:
                 return RequestError(P.EINVAL, f"{name}: offset and length must be zero")
             return None
-        if length > P.MAX_REQUEST and cmd in (P.CMD_READ, P.CMD_WRITE, P.CMD_CACHE):
+        if length > P.MAX_REQUEST and cmd in (P.CMD_READ, P.CMD_WRITE):
             return RequestError(
                 P.EINVAL, f"{name}: {length} bytes exceeds the {P.MAX_REQUEST} maximum"
             )
