@@ -1169,3 +1169,21 @@ def test_cache_beyond_the_maximum_request_is_accepted(big_client: Client) -> Non
     handle = big_client.request(P.CMD_CACHE, 0, P.MAX_REQUEST + 512)
     assert big_client.error_of(handle) == 0
     assert big_client.error_of(big_client.request(P.CMD_CACHE, 512, 2 * P.MAX_REQUEST)) == P.EINVAL
+
+
+def test_structured_read_beyond_the_maximum_is_eoverflow(big_client: Client) -> None:
+    """A structured READ past the maximum gets EOVERFLOW, as the protocol names it."""
+    big_client.start(structured=True)
+    handle = big_client.request(P.CMD_READ, 0, P.MAX_REQUEST + 512)
+    [(flags, kind, payload)] = big_client.chunks(handle)
+    assert kind == P.REPLY_TYPE_ERROR and flags & P.REPLY_FLAG_DONE
+    assert struct.unpack_from(">I", payload)[0] == P.EOVERFLOW
+    assert big_client.read(0, 512) == bytes(512)
+
+
+def test_simple_read_beyond_the_maximum_is_einval(big_client: Client) -> None:
+    """Without structured replies there is no EOVERFLOW to say: EINVAL, no payload."""
+    big_client.start()
+    handle = big_client.request(P.CMD_READ, 0, P.MAX_REQUEST + 512)
+    assert big_client.simple(handle) == (P.EINVAL, b"")
+    assert big_client.read(0, 512) == bytes(512)

@@ -96,9 +96,9 @@ class Checker:
                 return RequestError(P.EINVAL, f"{name}: offset and length must be zero")
             return None
         if length > P.MAX_REQUEST and cmd in (P.CMD_READ, P.CMD_WRITE):
-            return RequestError(
-                P.EINVAL, f"{name}: {length} bytes exceeds the {P.MAX_REQUEST} maximum"
-            )
+            # A structured reply can say "too large to send in one piece" precisely.
+            code = P.EOVERFLOW if cmd == P.CMD_READ and self.structured else P.EINVAL
+            return RequestError(code, f"{name}: {length} bytes exceeds the {P.MAX_REQUEST} maximum")
         if offset + length > self.size:
             code = P.ENOSPC if cmd in _ENOSPC_PAST_END else P.EINVAL
             return RequestError(code, f"{name}: range beyond the end of the export")
