@@ -55,6 +55,9 @@ BUDGET = 64 * 1024 * 1024
 BIG = 64 * 1024
 # TRIM and WRITE_ZEROES move no payload; only very long ones are worth a worker.
 BIG_ZERO = 8 * 1024 * 1024
+# A WRITE longer than the maximum is answered EINVAL and its payload read and dropped, as
+# nbdkit does, as long as it is no longer than this; a longer one is a denial of service.
+MAX_SKIP = 2 * P.MAX_REQUEST
 # Requests arrive through a staging buffer this big: room for a 4 KiB write with its header
 # and the next header, while a big write leaves at most this much to copy out of it.
 STAGE = 8192 + 256
@@ -150,11 +153,10 @@ class Transmission:
             if problem is None:
                 buf = self.buffer_for(req.length)
                 self.receive_into(buf.payload(req.length))
-            elif req.length <= P.MAX_REQUEST:
+            elif req.length <= MAX_SKIP:
                 self.skip(req.length)  # the stream stays in step; only this request fails
             else:
-                # The spec allows hanging up rather than reading (and dropping) the payload.
-                raise Closed(f"WRITE of {req.length} bytes exceeds the {P.MAX_REQUEST} maximum")
+                raise Closed(f"WRITE of {req.length} bytes is too large to skip")
         if problem is None and self.stopping():
             problem = RequestError(P.ESHUTDOWN, "server is shutting down")
         if problem is not None:
