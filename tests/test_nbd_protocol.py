@@ -1205,3 +1205,22 @@ def test_write_beyond_the_maximum_is_refused_and_the_connection_kept(
     assert big_client.write(0, b"k" * 512) == 0
     assert big_client.read(0, 1024) == b"k" * 512 + bytes(512)
     assert big_disk.mapped_pages() == 1
+
+
+def test_trim_past_the_end_after_a_live_shrink_is_einval(
+    client: Client, disks: list[shmdisk.Disk]
+) -> None:
+    """The export size is fixed at the handshake; after the disk shrank, a TRIM past its new
+    end is EINVAL (out of range), like a READ there, while a WRITE there is ENOSPC."""
+    disk = disks[0]
+    page = disk.page_size
+    disk.write_at(0, b"s" * (64 * 512))
+    client.start(structured=True)
+    disk.resize(page // 512)  # one page left
+    assert client.error_of(client.request(P.CMD_TRIM, page, page)) == P.EINVAL
+    assert client.error_of(client.request(P.CMD_TRIM, page, 512)) == P.EINVAL
+    assert client.error_of(client.request(P.CMD_READ, page, 512)) == P.EINVAL
+    assert client.write(page, b"x" * 512) == P.ENOSPC
+    assert client.error_of(client.request(P.CMD_WRITE_ZEROES, page, 512)) == P.ENOSPC
+    assert client.error_of(client.request(P.CMD_TRIM, 0, page)) == 0
+    assert disk.mapped_pages() == 0

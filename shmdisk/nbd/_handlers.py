@@ -69,6 +69,9 @@ class DiskCommands:
         hi = end if end == self.size else end // page * page
         if hi > lo:
             self.disk.discard(lo // ss, (hi - lo) // ss)
+        elif end > self.disk.get_info().size_sectors * ss:
+            # Nothing to give back, but the range still has to exist (after a live shrink).
+            raise errors.OutOfRangeError("TRIM: range beyond the end of the disk")
         return self.replies.ok(req.handle)
 
     def write_zeroes(self, req: Request, buf: Buffer | None, wait: bool) -> Reply:

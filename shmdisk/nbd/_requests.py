@@ -121,8 +121,8 @@ def error_code(exc: BaseException, cmd: int) -> int | None:
     if isinstance(exc, RequestError):
         return exc.code
     if isinstance(exc, errors.OutOfRangeError):
-        # The spec asks for ENOSPC on writes past the end and EINVAL on everything else.
-        return P.ENOSPC if cmd in WRITING else P.EINVAL
+        # The disk shrank under an open connection: same codes as the range check above.
+        return P.ENOSPC if cmd in _ENOSPC_PAST_END else P.EINVAL
     if isinstance(exc, (errors.IsReadOnlyError, errors.PermissionDeniedError)):
         return P.EPERM
     if isinstance(exc, errors.DiskFullError):
