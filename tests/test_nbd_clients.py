@@ -235,16 +235,27 @@ def test_local_process_and_nbd_client_share_the_disk(
 # --- the command line -------------------------------------------------------------------------
 
 
-class Serve:
-    """``shmdisk serve`` in a child process, with its stderr collected."""
+# Starts a command the way systemd socket activation does: the listening socket as descriptor
+# 3, LISTEN_PID (the pid the command will have: exec keeps it) and LISTEN_FDS in the environment.
+ACTIVATE = (
+    "import os, sys; os.dup2(int(sys.argv[1]), 3); "
+    "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1'); "
+    "os.execvp(sys.argv[2], sys.argv[2:])"
+)
 
-    def __init__(self, *args: str) -> None:
+
+class Serve:
+    """``shmdisk serve`` in a child process, with its stderr collected; ``activate`` hands it
+    a listening socket by socket activation."""
+
+    def __init__(self, *args: str, activate: socket.socket | None = None) -> None:
         self.err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shmdisk", "serve", *args],
-            stdout=subprocess.DEVNULL,
-            stderr=self.err,
-        )
+        cmd = [sys.executable, "-m", "shmdisk", "serve", *args]
+        fds: tuple[int, ...] = ()
+        if activate is not None:
+            fds = (activate.fileno(),)
+            cmd = [sys.executable, "-c", ACTIVATE, str(fds[0]), *cmd]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.err, pass_fds=fds)
 
     def stderr(self) -> str:
         self.err.seek(0)

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from . import _activation
 from ._access import AccessPolicy, allow_all
 from ._connection import Connection
 from ._exports import ExportTable
@@ -287,13 +288,29 @@ def run_cli(
     read_only: bool,
     create: bool,
     quiet: bool,
+    verbose: bool = False,
 ) -> int:
-    """The body of ``shmdisk serve``: log to stderr, serve until a signal, exit 0."""
+    """The body of ``shmdisk serve``: log to stderr, serve until a signal, exit 0.
+
+    Socket activation (``LISTEN_PID``/``LISTEN_FDS``) takes precedence over the default
+    address, and conflicts with an explicit ``--socket`` or ``--bind``. Under activation the
+    per-connection lines are off unless ``verbose``: a captive server shares its terminal with
+    the client that started it (``nbdinfo [ shmdisk serve NAME ]``).
+    """
+    sockets = _activation.activated_sockets()
+    if sockets and (socket_path is not None or bind is not None):
+        for s in sockets:
+            s.detach()  # not ours to close: the activating process owns them
+        raise ValueError(
+            "a listening socket was passed by socket activation; "
+            "--socket and --bind cannot be used with it"
+        )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("shmdisk serve: %(message)s"))
     saved = log.level, log.propagate
     log.addHandler(handler)
-    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    chatty = verbose or not (quiet or sockets)
+    log.setLevel(logging.INFO if chatty else logging.WARNING)
     log.propagate = False
     host, port = bind if bind is not None else (DEFAULT_HOST, DEFAULT_PORT)
     try:
@@ -304,6 +321,7 @@ def run_cli(
             port=port,
             read_only=read_only,
             create=create,
+            sockets=sockets,
         )
     finally:
         log.removeHandler(handler)
