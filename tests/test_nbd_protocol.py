@@ -867,20 +867,30 @@ def recv_reply(c: Client, payloads: dict[int, int]) -> tuple[int, int, bytes]:
     return handle, error, c.recv(n)
 
 
-def slow_down(monkeypatch: pytest.MonkeyPatch, method: str, seconds: float) -> list[bool]:
-    """Make ``Disk.<method>`` (read_at or write_at) take ``seconds`` for 64 KiB or more; the
-    list returned records, per slowed call, whether it was allowed to wait (on a worker)."""
+def held_elsewhere(
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    release: threading.Event | None = None,
+    delay: float = 0.0,
+) -> list[bool]:
+    """Make ``Disk.<method>`` (read_at or write_at) act, for 64 KiB or more, as if another
+    process held the pages: ``wait=False`` raises WouldBlockError, ``wait=True`` waits for
+    ``release`` (or ``delay`` seconds). Returns the ``wait`` of every such call, in order."""
     original = getattr(shmdisk.Disk, method)
-    calls: list[bool] = []
+    waits: list[bool] = []
 
-    def slow(self: shmdisk.Disk, offset: int, buf: Any, *, wait: bool = True) -> None:
+    def held(self: shmdisk.Disk, offset: int, buf: Any, *, wait: bool = True) -> None:
         if len(memoryview(buf)) >= 64 * 1024:
-            calls.append(wait)
-            time.sleep(seconds)
+            waits.append(wait)
+            if not wait:
+                raise shmdisk.WouldBlockError("the pages are locked elsewhere")
+            if release is not None:
+                assert release.wait(TIMEOUT)
+            time.sleep(delay)
         original(self, offset, buf, wait=wait)
 
-    monkeypatch.setattr(shmdisk.Disk, method, slow)
-    return calls
+    monkeypatch.setattr(shmdisk.Disk, method, held)
+    return waits
 
 
 @pytest.fixture
@@ -900,36 +910,28 @@ def wide(sockdir: str) -> Iterator[tuple[shmdisk.Disk, Client]]:
         shmdisk.destroy(name)
 
 
-def test_a_small_read_overtakes_a_slow_big_one(
-    wide: tuple[shmdisk.Disk, Client], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A big READ with another request behind it goes to a worker; the small READ after it is
-    answered first, each reply with its own data."""
-    disk, c = wide
-    calls = slow_down(monkeypatch, "read_at", 0.5)
-    disk.write_at(0, b"B" * 65536 + b"s" * 512)
-    big = P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, 1, 0, 65536)
-    small = P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, 2, 65536, 512)
-    c.sock.sendall(big + small)
-    sizes = {1: 65536, 2: 512}
-    assert recv_reply(c, sizes) == (2, 0, b"s" * 512)
-    assert recv_reply(c, sizes) == (1, 0, b"B" * 65536)
-    assert calls == [True]  # served by a worker
-
-
 def test_flush_waits_for_the_writes_received_before_it(
     wide: tuple[shmdisk.Disk, Client], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """WRITE, FLUSH, READ in one burst: the READ need not wait, but the FLUSH is answered only
-    after the WRITE before it has completed."""
+    """WRITE (its pages held elsewhere), FLUSH, READ in one burst: the READ is answered at
+    once, the FLUSH only after the WRITE before it has completed."""
     disk, c = wide
-    slow_down(monkeypatch, "write_at", 0.5)
+    release = threading.Event()
+    waits = held_elsewhere(monkeypatch, "write_at", release)
     burst = P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, 1, 0, 65536) + b"W" * 65536
     burst += P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_FLUSH, 2, 0, 0)
     burst += P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, 3, 65536, 512)
     c.sock.sendall(burst)
-    order = [recv_reply(c, {3: 512})[:2] for _ in range(3)]
-    assert order == [(3, 0), (1, 0), (2, 0)]
+    assert recv_reply(c, {3: 512}) == (3, 0, bytes(512))
+    time.sleep(0.2)
+    c.sock.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        c.sock.recv(1)  # neither the WRITE nor the FLUSH is answered while the pages are held
+    c.sock.setblocking(True)
+    c.sock.settimeout(TIMEOUT)
+    release.set()
+    assert [recv_reply(c, {})[:2] for _ in range(2)] == [(1, 0), (2, 0)]
+    assert waits == [False, True]
     got = bytearray(65536)
     disk.read_at(0, got)
     assert got == b"W" * 65536
@@ -968,11 +970,11 @@ def test_a_request_the_disk_would_block_on_waits_on_a_worker(
 def test_requests_in_flight_stay_within_the_budget(
     wide: tuple[shmdisk.Disk, Client], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A client pipelining more big writes than the budget allows: the server stops reading
-    rather than holding more payloads; every write still lands and is answered."""
+    """A client pipelining more waiting writes than the budget allows: the server stops
+    reading rather than holding more payloads; every write still lands and is answered."""
     disk, c = wide
     monkeypatch.setattr(_transmission, "BUDGET", 256 * 1024)
-    slow_down(monkeypatch, "write_at", 0.02)
+    held_elsewhere(monkeypatch, "write_at", delay=0.02)
     live = peak = 0
     lock = threading.Lock()
     take, give = _buffers.BufferPool.take, _buffers.BufferPool.give
@@ -1003,7 +1005,7 @@ def test_requests_in_flight_stay_within_the_budget(
     sender.join(TIMEOUT)
     assert answered == {(i, 0) for i in range(n)}
     # The budget holds 4 payloads with the workers, plus the one being received.
-    assert peak <= 256 * 1024 // size + 1
+    assert 4 <= peak <= 256 * 1024 // size + 1
     got = bytearray(n * size)
     disk.read_at(0, got)
     assert got == b"".join(bytes([i + 1]) * size for i in range(n))
