@@ -5,9 +5,10 @@ page aligned (the disk copies to and from page-aligned memory fastest), and cost
 where touched. A read is filled right behind its reply header and leaves in one send; a write
 payload is received straight into one and handed to the disk.
 
-Memory stays bounded: a connection holds at most as many buffers as it has requests in flight,
-and a buffer given back after a request larger than :data:`KEEP` returns the memory past
-``KEEP`` to the system, so an idle connection keeps at most ``KEEP`` per buffer.
+Memory stays bounded: a connection holds one buffer for the request it is serving, plus one
+per request waiting on a worker (at most ``MAX_IN_FLIGHT``), and a buffer given back after a
+request larger than :data:`KEEP` returns the memory past ``KEEP`` to the system, so an idle
+connection keeps at most ``KEEP`` per buffer.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ __all__ = ["DATA_AT", "KEEP", "Buffer", "BufferPool"]
 # and the disk's page-aligned memory off the 8/16-byte page-offset aliasing that makes the fast
 # string copy of some CPUs several times slower.
 DATA_AT = 256
-KEEP = 1 << 20
+# Requests up to this size (qemu-img's 2 MiB, nbdcopy's 256 KiB, fio's 1 MiB) reuse their
+# buffer's memory; bigger ones fault it in again each time, which costs about what copying it
+# does, so only rare giant requests pay it.
+KEEP = 4 << 20
 
 
 class Buffer:
