@@ -1226,3 +1226,48 @@ def test_trim_past_the_end_after_a_live_shrink_is_einval(
     assert client.error_of(client.request(P.CMD_WRITE_ZEROES, page, 512)) == P.ENOSPC
     assert client.error_of(client.request(P.CMD_TRIM, 0, page)) == 0
     assert disk.mapped_pages() == 0
+
+
+def test_open_connections_keep_their_size_after_a_resize(
+    server: NBDServer, disks: list[shmdisk.Disk]
+) -> None:
+    """What the README promises: an open connection keeps the size of its handshake (after a
+    grow, the new space needs a new connection); new connections see the new size."""
+    disk = disks[0]
+    old = Client(str(server.address))
+    try:
+        old.start()
+        disk.resize(128)
+        assert old.error_of(old.request(P.CMD_READ, 64 * 512, 512)) == P.EINVAL
+        assert old.write(64 * 512, b"g" * 512) == P.ENOSPC
+        assert old.write(63 * 512, b"o" * 512) == 0
+        new = Client(str(server.address))
+        try:
+            new.greet()
+            assert info_export(new.go())[0] == 128 * 512
+            assert new.write(127 * 512, b"n" * 512) == 0
+            assert new.read(63 * 512, 512) == b"o" * 512
+        finally:
+            new.close()
+    finally:
+        old.close()
+
+
+def test_a_big_unwritten_structured_read_is_one_hole_chunk(
+    big_client: Client, big_disk: shmdisk.Disk
+) -> None:
+    """A structured READ of 64 KiB or more over unwritten pages is answered with one hole
+    chunk; as soon as one page in it holds data, it is one data chunk with the bytes."""
+    c = big_client
+    c.start(structured=True)
+    handle = c.request(P.CMD_READ, 65536, 131072)
+    assert c.chunks(handle) == [
+        (P.REPLY_FLAG_DONE, P.REPLY_TYPE_OFFSET_HOLE, struct.pack(">QI", 65536, 131072))
+    ]
+    assert c.read(65536, 131072) == bytes(131072)
+    big_disk.write_at(65536 + 100_000, b"!")
+    [(flags, kind, payload)] = c.chunks(c.request(P.CMD_READ, 65536, 131072))
+    assert kind == P.REPLY_TYPE_OFFSET_DATA and flags & P.REPLY_FLAG_DONE
+    assert payload == struct.pack(">Q", 65536) + bytes(100_000) + b"!" + bytes(31071)
+    handle = c.request(P.CMD_READ, 0, 4096)  # short reads are never holes
+    assert c.chunks(handle)[0][1] == P.REPLY_TYPE_OFFSET_DATA
