@@ -937,6 +937,31 @@ def test_flush_waits_for_the_writes_received_before_it(
     assert got == b"W" * 65536
 
 
+def test_disc_answers_a_flush_still_waiting_for_writes_first(
+    wide: tuple[shmdisk.Disk, Client], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WRITE (pages held elsewhere), FLUSH, DISC: once the pages come free, the WRITE and then
+    the FLUSH are answered before the server hangs up."""
+    _, c = wide
+    release = threading.Event()
+    held_elsewhere(monkeypatch, "write_at", release)
+    flush = shmdisk.Disk.flush
+
+    def slow_flush(self: shmdisk.Disk) -> None:
+        time.sleep(0.3)  # the worker is still serving the FLUSH when the writes are done
+        flush(self)
+
+    monkeypatch.setattr(shmdisk.Disk, "flush", slow_flush)
+    burst = P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, 1, 0, 65536) + b"D" * 65536
+    burst += P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_FLUSH, 2, 0, 0)
+    burst += P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_DISC, 3, 0, 0)
+    c.sock.sendall(burst)
+    time.sleep(0.1)
+    release.set()
+    assert [recv_reply(c, {})[:2] for _ in range(2)] == [(1, 0), (2, 0)]
+    assert c.closed_by_server()
+
+
 def test_a_request_the_disk_would_block_on_waits_on_a_worker(
     wide: tuple[shmdisk.Disk, Client], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -273,7 +273,6 @@ class Transmission:
             with self.cond:
                 if buf is not None:
                     self.pool.give(buf)
-                self.in_flight -= 1
                 self.in_flight_bytes -= size
                 if ok and req.cmd == P.CMD_READ:
                     self.worker_bytes_read += req.length
@@ -284,9 +283,19 @@ class Transmission:
                     oldest = min(self.writes, default=self.write_seq)
                     while self.flushes and self.flushes[0][0] <= oldest:
                         released.append(self.flushes.popleft()[1])
-                self.cond.notify_all()
-            for flush in released:
-                self.send_from_worker(self.serve_here(flush, self.handlers[P.CMD_FLUSH]))
+                if not released:
+                    self.in_flight -= 1
+                    self.cond.notify_all()
+            if released:
+                # Still counted in flight until the FLUSHes it released are answered, so the
+                # connection cannot end (and close the socket) before they are.
+                try:
+                    for flush in released:
+                        self.send_from_worker(self.serve_here(flush, self.handlers[P.CMD_FLUSH]))
+                finally:
+                    with self.cond:
+                        self.in_flight -= 1
+                        self.cond.notify_all()
 
     def serve_here(self, req: Request, handler: Handler) -> Reply:
         """The reply to a payload-less request served on the calling thread."""
