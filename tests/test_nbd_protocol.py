@@ -1296,3 +1296,25 @@ def test_a_big_unwritten_structured_read_is_one_hole_chunk(
     assert payload == struct.pack(">Q", 65536) + bytes(100_000) + b"!" + bytes(31071)
     handle = c.request(P.CMD_READ, 0, 4096)  # short reads are never holes
     assert c.chunks(handle)[0][1] == P.REPLY_TYPE_OFFSET_DATA
+
+
+def test_a_server_bug_is_logged_with_its_traceback_and_answered_eio(
+    wide: tuple[shmdisk.Disk, Client],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An exception no disk call should raise is a bug: the client gets EIO, the log gets the
+    traceback, and the connection goes on."""
+    _, c = wide
+
+    def broken(self: shmdisk.Disk, offset: int, buf: Any, *, wait: bool = True) -> None:
+        raise AttributeError("'NoneType' object has no attribute 'copy'")
+
+    monkeypatch.setattr(shmdisk.Disk, "read_at", broken)
+    with caplog.at_level("ERROR", logger="shmdisk.nbd"):
+        assert c.error_of(c.request(P.CMD_READ, 0, 512)) == P.EIO
+    [record] = [r for r in caplog.records if "server bug" in r.getMessage()]
+    assert "while serving READ" in record.getMessage()
+    assert record.exc_info is not None and record.exc_info[0] is AttributeError
+    monkeypatch.undo()
+    assert c.write(0, b"a" * 512) == 0
