@@ -36,17 +36,16 @@ class ThreadCache:
 
     def run(self, job: Job) -> None:
         """Run ``job`` on an idle thread, or on a new one if none is idle."""
+        thread = None
         with self._lock:
-            spawn = self._idle == 0
-            if not spawn:
+            if self._idle:
                 self._idle -= 1  # that idle thread takes this job from the queue
             else:
-                thread = threading.Thread(
-                    target=self._loop, name=f"{self._name}-{len(self._threads)}", daemon=True
-                )
+                name = f"{self._name}-{len(self._threads)}"
+                thread = threading.Thread(target=self._loop, name=name, daemon=True)
                 self._threads.append(thread)
         self._jobs.put(job)
-        if spawn:
+        if thread is not None:
             thread.start()
 
     def _loop(self) -> None:
