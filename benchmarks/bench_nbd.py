@@ -1,22 +1,25 @@
-"""nbdcopy throughput through ``shmdisk serve`` against ``nbdkit memory``, same run, same socket.
+"""``shmdisk serve`` against ``nbdkit memory``, same run: fio's nbd engine and nbdcopy.
 
-    python benchmarks/bench_nbd.py [--size 1G] [--rounds 3] [-- extra nbdcopy options]
+    python benchmarks/bench_nbd.py [--size 1G] [--rounds 3]
 
-For each round and each server (started fresh, on a Unix socket, each holding an empty disk of
-``--size`` bytes) nbdcopy copies a file of random bytes in /dev/shm into the export ("write,
-fresh": every page is allocated by the copy), copies it in again ("write, again"), and copies
-the export out to ``null:`` ("read"). The two servers alternate within each round so that noise
-from other work on the machine hits both alike. The table gives the best round of each (the
-least disturbed one) and the median, in GB/s (10^9 bytes per second), and the ratios
-shmdisk / nbdkit of both. Buffers are the clients' and servers' own, so alignment is theirs.
+Both servers listen on a Unix socket and hold an empty disk of ``--size`` bytes, started fresh
+for every write workload (so writes land on pages never written before: the first-write cost
+is part of what is measured) and once per round for the rest, which follow an nbdcopy of
+random bytes into the fresh disk (itself the "nbdcopy in" figure); the "rewrite" rows write
+over those written pages. Every workload moves a
+fixed amount of data (fio ``io_size``), the same for both servers; the two servers alternate
+within each round so that noise from other work on the machine hits both alike. The table
+gives the median over the rounds and the ratio shmdisk / nbdkit of the medians (higher is
+better for shmdisk), next to the target set for it.
 
-Needs nbdcopy (libnbd-bin) and nbdkit on PATH.
+Needs fio (with its nbd engine), nbdcopy (libnbd-bin) and nbdkit on PATH.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -27,10 +30,42 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import shmdisk
 
-OPS = ("write, fresh", "write, again", "read")
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Workload:
+    label: str
+    target: float | None  # the ratio shmdisk / nbdkit aimed for (None: shown for insight)
+    kind: str  # "fio" or "nbdcopy-in" / "nbdcopy-out"
+    rw: str = ""
+    bs: str = ""
+    depth: int = 1
+    fresh: bool = False  # on a fresh, empty disk of its own (else on the disk nbdcopy filled)
+
+    @property
+    def writes(self) -> bool:
+        return self.rw in ("randwrite", "write")
+
+
+WORKLOADS = [
+    Workload("4 KiB random write, depth 1", 1.2, "fio", "randwrite", "4k", 1, fresh=True),
+    Workload("4 KiB random write, depth 16", 1.2, "fio", "randwrite", "4k", 16, fresh=True),
+    Workload("1 MiB sequential write, depth 16", 1.2, "fio", "write", "1m", 16, fresh=True),
+    Workload("nbdcopy in (fresh disk)", 1.0, "nbdcopy-in"),
+    Workload("4 KiB random read, depth 1", 1.2, "fio", "randread", "4k", 1),
+    Workload("4 KiB random read, depth 16", 1.2, "fio", "randread", "4k", 16),
+    Workload("1 MiB sequential read, depth 16", 1.2, "fio", "read", "1m", 16),
+    Workload("nbdcopy out", 1.0, "nbdcopy-out"),
+    # The same random writes over pages that already hold data: what a write costs when no
+    # page has to be allocated first (for insight; no target).
+    Workload("4 KiB random rewrite, depth 1", None, "fio", "randwrite", "4k", 1),
+    Workload("4 KiB random rewrite, depth 16", None, "fio", "randwrite", "4k", 16),
+]
 
 
 def parse_size(text: str) -> int:
@@ -41,9 +76,7 @@ def parse_size(text: str) -> int:
     return int(text)
 
 
-def wait_until(
-    ready: Callable[[], bool], proc: subprocess.Popen[bytes], timeout: float = 20.0
-) -> None:
+def wait_until(ready: Callable[[], bool], proc: subprocess.Popen[bytes], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -65,15 +98,16 @@ def accepts(path: str) -> bool:
 def shmdisk_server(size: int, sock: str) -> Iterator[str]:
     name = f"bench-nbd-{os.getpid()}-{secrets.token_hex(4)}"
     shmdisk.create(name, size // 512).disconnect()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shmdisk", "serve", name, "--socket", sock, "--quiet"]
-    )
     try:
-        wait_until(lambda: accepts(sock), proc)
-        yield f"nbd+unix:///{name}?socket={sock}"
+        cmd = [sys.executable, "-m", "shmdisk", "serve", name, "--socket", sock, "--quiet"]
+        proc = subprocess.Popen(cmd)
+        try:
+            wait_until(lambda: accepts(sock), proc, 30.0)
+            yield f"nbd+unix:///{name}?socket={sock}"
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
         shmdisk.destroy(name)
 
 
@@ -83,83 +117,114 @@ def nbdkit_server(size: int, sock: str) -> Iterator[str]:
     pidfile = sock + ".pid"
     proc = subprocess.Popen(["nbdkit", "-f", "-P", pidfile, "-U", sock, "memory", str(size)])
     try:
-        wait_until(lambda: os.path.exists(pidfile) and os.path.getsize(pidfile) > 0, proc)
+        wait_until(lambda: os.path.exists(pidfile) and os.path.getsize(pidfile) > 0, proc, 30.0)
         yield f"nbd+unix:///?socket={sock}"
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        proc.wait(timeout=60)
         for path in (sock, pidfile):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
 
-def timed(cmd: list[str]) -> float:
+SERVERS = {"shmdisk serve": shmdisk_server, "nbdkit memory": nbdkit_server}
+
+
+def run_fio(w: Workload, uri: str, size: int) -> float:
+    """fio's result for ``w``: IOPS for 4 KiB blocks, bytes per second for 1 MiB ones."""
+    io_size = size // 8 if w.bs == "4k" else size
+    cmd = [
+        "fio",
+        "--name=bench",
+        "--ioengine=nbd",
+        f"--uri={uri}",
+        f"--rw={w.rw}",
+        f"--bs={w.bs}",
+        f"--iodepth={w.depth}",
+        f"--size={size}",
+        f"--io_size={io_size}",
+        "--output-format=json",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    job = json.loads(done.stdout[done.stdout.index("{") :])["jobs"][0]
+    side = job["write" if w.writes else "read"]
+    return float(side["iops"] if w.bs == "4k" else side["bw_bytes"])
+
+
+def run_nbdcopy(args: list[str], size: int) -> float:
     start = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    return time.perf_counter() - start
+    subprocess.run(["nbdcopy", *args], check=True)
+    return size / (time.perf_counter() - start)
 
 
-def one_round(
-    server: Callable[[int, str], contextlib.AbstractContextManager[str]],
-    size: int,
-    src: str,
-    sock: str,
-    extra: list[str],
-) -> dict[str, float]:
-    """Seconds per operation against a freshly started server."""
-    with server(size, sock) as uri:
-        fresh = timed(["nbdcopy", *extra, src, uri])
-        again = timed(["nbdcopy", *extra, src, uri])
-        read = timed(["nbdcopy", *extra, uri, "null:"])
-    return dict(zip(OPS, (fresh, again, read), strict=True))
+def one_round(server: str, size: int, src: str, sock: str) -> dict[str, float]:
+    """Every workload once against ``server``; {label: figure}."""
+    start = SERVERS[server]
+    out: dict[str, float] = {}
+    for w in WORKLOADS:
+        if w.fresh:
+            with start(size, sock) as uri:
+                out[w.label] = run_fio(w, uri, size)
+    with start(size, sock) as uri:
+        for w in WORKLOADS:
+            if w.kind == "nbdcopy-in":
+                out[w.label] = run_nbdcopy([src, uri], size)
+            elif w.kind == "nbdcopy-out":
+                out[w.label] = run_nbdcopy([uri, "null:"], size)
+            elif not w.fresh:
+                out[w.label] = run_fio(w, uri, size)
+    return out
+
+
+def figure(w: Workload, value: float) -> str:
+    if w.bs == "4k":
+        return f"{value / 1000:7.1f} k IOPS"
+    return f"{value / 1e9:7.2f} GB/s  "
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="1G", type=parse_size, help="disk size (default 1G)")
     parser.add_argument("--rounds", default=3, type=int, help="rounds per server (default 3)")
-    parser.add_argument("nbdcopy_args", nargs="*", help="extra nbdcopy options (after --)")
     args = parser.parse_args(argv)
-    for tool in ("nbdcopy", "nbdkit"):
-        if shutil.which(tool) is None:
-            print(f"bench_nbd: {tool} is not installed", file=sys.stderr)
-            return 2
+    missing = [t for t in ("fio", "nbdcopy", "nbdkit") if shutil.which(t) is None]
+    if missing:
+        print(f"bench_nbd: needs {', '.join(missing)} on PATH", file=sys.stderr)
+        return 2
     size: int = args.size
-    results: dict[str, dict[str, list[float]]] = {
-        "shmdisk": {op: [] for op in OPS},
-        "nbdkit": {op: [] for op in OPS},
-    }
-    servers = {"shmdisk": shmdisk_server, "nbdkit": nbdkit_server}
+    results: dict[str, dict[str, list[float]]] = {s: {} for s in SERVERS}
     with (
         tempfile.TemporaryDirectory(prefix="bench-nbd-") as tmp,
         tempfile.NamedTemporaryFile(dir="/dev/shm", prefix="bench-nbd-src-") as src,
     ):
-        chunk = 1 << 20
-        for _ in range(size // chunk):
-            src.write(os.urandom(chunk))
-        src.write(os.urandom(size % chunk))
+        for _ in range(size // MiB):
+            src.write(os.urandom(MiB))
+        src.write(os.urandom(size % MiB))
         src.flush()
         sock = os.path.join(tmp, "nbd.sock")
         for r in range(args.rounds):
             # Alternate which server goes first, so neither always follows the other's cleanup.
-            order = ["shmdisk", "nbdkit"] if r % 2 == 0 else ["nbdkit", "shmdisk"]
-            for label in order:
-                seconds = one_round(servers[label], size, src.name, sock, args.nbdcopy_args)
-                for op, s in seconds.items():
-                    results[label][op].append(size / s / 1e9)
+            order = list(SERVERS) if r % 2 == 0 else list(reversed(SERVERS))
+            for server in order:
+                for label, value in one_round(server, size, src.name, sock).items():
+                    results[server].setdefault(label, []).append(value)
 
-    extra = " ".join(args.nbdcopy_args) or "defaults"
+    ours, theirs = (results[s] for s in SERVERS)
     print(
-        f"nbdcopy ({extra}) over a Unix socket, {size / (1 << 30):g} GiB, "
-        f"{args.rounds} rounds; GB/s best (median)"
+        f"NBD over a Unix socket, {size / (1 << 30):g} GiB disk, median of {args.rounds} "
+        "rounds (fio nbd engine, nbdcopy defaults)"
     )
-    print(f"{'operation':<14} {'shmdisk serve':>16} {'nbdkit memory':>16} {'ratio':>15}")
-    for op in OPS:
-        ours, theirs = results["shmdisk"][op], results["nbdkit"][op]
-        cells = [f"{max(v):6.2f} ({statistics.median(v):5.2f})" for v in (ours, theirs)]
-        median_ratio = statistics.median(ours) / statistics.median(theirs)
-        ratio = f"{max(ours) / max(theirs):.2f}x ({median_ratio:.2f}x)"
-        print(f"{op:<14} {cells[0]:>16} {cells[1]:>16} {ratio:>15}")
+    print(
+        f"{'workload':<34} {'shmdisk serve':>15} {'nbdkit memory':>15} {'ratio':>7} {'target':>7}"
+    )
+    for w in WORKLOADS:
+        a, b = statistics.median(ours[w.label]), statistics.median(theirs[w.label])
+        ratio = a / b
+        if w.target is None:
+            target = "     -"
+        else:
+            target = f"{w.target:5.1f}x" + ("" if ratio >= w.target else "  (below)")
+        print(f"{w.label:<34} {figure(w, a):>15} {figure(w, b):>15} {ratio:6.2f}x {target}")
     return 0
 
 

@@ -62,3 +62,11 @@ def test_serve_command_reports_errors_in_one_line(capsys: pytest.CaptureFixture[
     err = capsys.readouterr().err
     assert "shmdisk serve: error:" in err and "no-such-disk-for-nbd-cli-test" in err
     assert "Traceback" not in err
+
+
+def test_serve_help_shows_examples(capsys: pytest.CaptureFixture[str]) -> None:
+    """`shmdisk serve --help` ends with examples, like every other command."""
+    with pytest.raises(SystemExit):
+        parse("--help")
+    out = capsys.readouterr().out
+    assert "examples:\n  shmdisk serve vm0 --socket /tmp/nbd.sock" in out

@@ -126,9 +126,9 @@ def test_nbdinfo_map_of_a_fragmented_disk_across_short_replies(
     server: NBDServer, disk: shmdisk.Disk, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With replies capped at 4 extents, nbdinfo --map still gets all 80 runs right."""
-    from shmdisk.nbd import server as server_module
+    from shmdisk.nbd import _handlers
 
-    monkeypatch.setattr(server_module, "_MAX_EXTENTS", 4)
+    monkeypatch.setattr(_handlers, "MAX_EXTENTS", 4)
     page = disk.page_size
     for p in range(1, 80, 2):
         disk.write_at(p * page, b"f")
@@ -235,16 +235,27 @@ def test_local_process_and_nbd_client_share_the_disk(
 # --- the command line -------------------------------------------------------------------------
 
 
-class Serve:
-    """``shmdisk serve`` in a child process, with its stderr collected."""
+# Starts a command the way systemd socket activation does: the listening socket as descriptor
+# 3, LISTEN_PID (the pid the command will have: exec keeps it) and LISTEN_FDS in the environment.
+ACTIVATE = (
+    "import os, sys; os.dup2(int(sys.argv[1]), 3); "
+    "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1'); "
+    "os.execvp(sys.argv[2], sys.argv[2:])"
+)
 
-    def __init__(self, *args: str) -> None:
+
+class Serve:
+    """``shmdisk serve`` in a child process, with its stderr collected; ``activate`` hands it
+    a listening socket by socket activation."""
+
+    def __init__(self, *args: str, activate: socket.socket | None = None) -> None:
         self.err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shmdisk", "serve", *args],
-            stdout=subprocess.DEVNULL,
-            stderr=self.err,
-        )
+        cmd = [sys.executable, "-m", "shmdisk", "serve", *args]
+        fds: tuple[int, ...] = ()
+        if activate is not None:
+            fds = (activate.fileno(),)
+            cmd = [sys.executable, "-c", ACTIVATE, str(fds[0]), *cmd]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.err, pass_fds=fds)
 
     def stderr(self) -> str:
         self.err.seek(0)
@@ -356,3 +367,46 @@ def test_serve_command_missing_disk_fails_and_create_makes_it(sockdir: str) -> N
             assert serve.stop() == 0
         finally:
             shmdisk.destroy(name)
+
+
+@need("nbdinfo")
+def test_nbdinfo_list_and_unknown_exports_log_plainly(
+    two_disks: list[shmdisk.Disk], sockdir: str
+) -> None:
+    """`nbdinfo --list` (which aborts without waiting for the ACK) logs no socket error; an
+    unknown export is logged with the name the client asked for."""
+    path = os.path.join(sockdir, "log.sock")
+    a, b = two_disks
+    serve = Serve(a.name, b.name, "--socket", path)
+    try:
+        serve.wait_for("serving")
+        listing = json.loads(ok("nbdinfo", "--list", "--json", f"nbd+unix:///?socket={path}"))
+        assert {e["export-name"] for e in listing["exports"]} == {a.name, b.name}
+        missing = run("nbdinfo", f"nbd+unix:///no-such-export?socket={path}")
+        assert missing.returncode != 0
+        serve.wait_for(r"conn 2 .*closed")
+    finally:
+        assert serve.stop() == 0
+    assert "Broken pipe" not in serve.log and "socket error" not in serve.log, serve.log
+    assert re.search(r"conn 1 .*: closed \(client aborted\)", serve.log), serve.log
+    assert re.search(r"conn 2 .*unknown export 'no-such-export'", serve.log), serve.log
+
+
+def test_serve_bind_error_names_the_address(two_disks: list[shmdisk.Disk]) -> None:
+    """An address in use is one error line that says which address, and exit status 1."""
+    name = two_disks[0].name
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "shmdisk", "serve", name, "--bind", f"127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+    assert done.returncode == 1
+    assert done.stderr == (
+        f"shmdisk serve: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    )

@@ -10,12 +10,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from conftest import new_name
 
 import shmdisk
-from shmdisk.nbd import NBDServer
+from shmdisk.nbd import Access, NBDServer, Peer, Transport, _buffers, _handlers, _transmission
 from shmdisk.nbd import _proto as P
 
 TIMEOUT = 10.0
@@ -530,7 +531,8 @@ def misbehave(c: Client, misdeed: str) -> None:
     elif misdeed == "truncated write payload":
         c.sock.sendall(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, 1, 0, 4096) + b"z" * 1000)
     elif misdeed == "oversize write":
-        c.sock.sendall(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, 1, 0, P.MAX_REQUEST + 512))
+        # Too big even to read and drop (up to twice the maximum is skipped; see below).
+        c.sock.sendall(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, 1, 0, 0xFFFFFE00))
     else:
         raise AssertionError(misdeed)
 
@@ -663,9 +665,7 @@ def test_block_status_stops_at_the_extent_limit(
     client: Client, disks: list[shmdisk.Disk], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A fragmented range gets a short reply (at most the limit); asking on continues it."""
-    from shmdisk.nbd import server as server_module
-
-    monkeypatch.setattr(server_module, "_MAX_EXTENTS", 3)
+    monkeypatch.setattr(_handlers, "MAX_EXTENTS", 3)
     disk = disks[0]
     page = disk.page_size
     for p in range(0, 8, 2):
@@ -854,3 +854,467 @@ def test_half_closed_client_still_gets_every_reply(client: Client) -> None:
         assert client.simple(i) == (0, b"")
     assert client.simple(99, 1024) == (0, b"\x01" * 512 + b"\x02" * 512)
     assert client.closed_by_server()
+
+
+# --- requests of one connection served in parallel ---------------------------------------------
+
+
+def recv_reply(c: Client, payloads: dict[int, int]) -> tuple[int, int, bytes]:
+    """The next simple reply: (handle, error, data); ``payloads`` says which handles have data."""
+    magic, error, handle = P.SIMPLE_REPLY.unpack(c.recv(P.SIMPLE_REPLY.size))
+    assert magic == P.SIMPLE_REPLY_MAGIC
+    n = payloads.get(handle, 0) if error == 0 else 0
+    return handle, error, c.recv(n)
+
+
+def held_elsewhere(
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    release: threading.Event | None = None,
+    delay: float = 0.0,
+) -> list[bool]:
+    """Make ``Disk.<method>`` (read_at or write_at) act, for 64 KiB or more, as if another
+    process held the pages: ``wait=False`` raises WouldBlockError, ``wait=True`` waits for
+    ``release`` (or ``delay`` seconds). Returns the ``wait`` of every such call, in order."""
+    original = getattr(shmdisk.Disk, method)
+    waits: list[bool] = []
+
+    def held(self: shmdisk.Disk, offset: int, buf: Any, *, wait: bool = True) -> None:
+        if len(memoryview(buf)) >= 64 * 1024:
+            waits.append(wait)
+            if not wait:
+                raise shmdisk.WouldBlockError("the pages are locked elsewhere")
+            if release is not None:
+                assert release.wait(TIMEOUT)
+            time.sleep(delay)
+        original(self, offset, buf, wait=wait)
+
+    monkeypatch.setattr(shmdisk.Disk, method, held)
+    return waits
+
+
+@pytest.fixture
+def wide(sockdir: str) -> Iterator[tuple[shmdisk.Disk, Client]]:
+    """A 1 MiB disk, and a client in transmission with simple replies and no block sizes."""
+    name = new_name("nbdwide")
+    disk = shmdisk.create(name, 2048)
+    try:
+        with NBDServer([disk], socket_path=os.path.join(sockdir, "wide")) as srv:
+            c = Client(str(srv.address))
+            c.greet()
+            assert c.go()[-1][0] == P.REP_ACK
+            yield disk, c
+            c.close()
+    finally:
+        disk.disconnect()
+        shmdisk.destroy(name)
+
+
+def test_flush_waits_for_the_writes_received_before_it(
+    wide: tuple[shmdisk.Disk, Client], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WRITE (its pages held elsewhere), FLUSH, READ in one burst: the READ is answered at
+    once, the FLUSH only after the WRITE before it has completed."""
+    disk, c = wide
+    release = threading.Event()
+    waits = held_elsewhere(monkeypatch, "write_at", release)
+    burst = P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, 1, 0, 65536) + b"W" * 65536
+    burst += P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_FLUSH, 2, 0, 0)
+    burst += P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, 3, 65536, 512)
+    c.sock.sendall(burst)
+    assert recv_reply(c, {3: 512}) == (3, 0, bytes(512))
+    time.sleep(0.2)
+    c.sock.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        c.sock.recv(1)  # neither the WRITE nor the FLUSH is answered while the pages are held
+    c.sock.setblocking(True)
+    c.sock.settimeout(TIMEOUT)
+    release.set()
+    assert [recv_reply(c, {})[:2] for _ in range(2)] == [(1, 0), (2, 0)]
+    assert waits == [False, True]
+    got = bytearray(65536)
+    disk.read_at(0, got)
+    assert got == b"W" * 65536
+
+
+def test_disc_answers_a_flush_still_waiting_for_writes_first(
+    wide: tuple[shmdisk.Disk, Client], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WRITE (pages held elsewhere), FLUSH, DISC: once the pages come free, the WRITE and then
+    the FLUSH are answered before the server hangs up."""
+    _, c = wide
+    release = threading.Event()
+    held_elsewhere(monkeypatch, "write_at", release)
+    flush = shmdisk.Disk.flush
+
+    def slow_flush(self: shmdisk.Disk) -> None:
+        time.sleep(0.3)  # the worker is still serving the FLUSH when the writes are done
+        flush(self)
+
+    monkeypatch.setattr(shmdisk.Disk, "flush", slow_flush)
+    burst = P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, 1, 0, 65536) + b"D" * 65536
+    burst += P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_FLUSH, 2, 0, 0)
+    burst += P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_DISC, 3, 0, 0)
+    c.sock.sendall(burst)
+    time.sleep(0.1)
+    release.set()
+    assert [recv_reply(c, {})[:2] for _ in range(2)] == [(1, 0), (2, 0)]
+    assert c.closed_by_server()
+
+
+def test_a_request_the_disk_would_block_on_waits_on_a_worker(
+    wide: tuple[shmdisk.Disk, Client], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request whose pages another process holds (the disk says WouldBlockError to a
+    wait=False call) is served by a worker that waits, while later requests go on."""
+    disk, c = wide
+    disk.write_at(0, b"L" * 4096 + b"f" * 4096)
+    original = shmdisk.Disk.read_at
+    held = threading.Event()
+    waits: list[bool] = []
+
+    def read_at(self: shmdisk.Disk, offset: int, buf: Any, *, wait: bool = True) -> None:
+        if offset == 0:
+            waits.append(wait)
+            if not wait:
+                raise shmdisk.WouldBlockError("pages 0-0 are locked elsewhere")
+            assert held.wait(TIMEOUT)  # "the other process" lets go
+        original(self, offset, buf, wait=wait)
+
+    monkeypatch.setattr(shmdisk.Disk, "read_at", read_at)
+    first = P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, 1, 0, 4096)
+    second = P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, 2, 4096, 4096)
+    c.sock.sendall(first + second)
+    sizes = {1: 4096, 2: 4096}
+    assert recv_reply(c, sizes) == (2, 0, b"f" * 4096)
+    held.set()
+    assert recv_reply(c, sizes) == (1, 0, b"L" * 4096)
+    assert waits == [False, True]
+
+
+def test_requests_in_flight_stay_within_the_budget(
+    wide: tuple[shmdisk.Disk, Client], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client pipelining more waiting writes than the budget allows: the server stops
+    reading rather than holding more payloads; every write still lands and is answered."""
+    disk, c = wide
+    monkeypatch.setattr(_transmission, "BUDGET", 256 * 1024)
+    held_elsewhere(monkeypatch, "write_at", delay=0.02)
+    live = peak = 0
+    lock = threading.Lock()
+    take, give = _buffers.BufferPool.take, _buffers.BufferPool.give
+
+    def counting_take(self: _buffers.BufferPool) -> _buffers.Buffer:
+        nonlocal live, peak
+        with lock:
+            live += 1
+            peak = max(peak, live)
+        return take(self)
+
+    def counting_give(self: _buffers.BufferPool, buf: _buffers.Buffer) -> None:
+        nonlocal live
+        with lock:
+            live -= 1
+        give(self, buf)
+
+    monkeypatch.setattr(_buffers.BufferPool, "take", counting_take)
+    monkeypatch.setattr(_buffers.BufferPool, "give", counting_give)
+    n, size = 16, 65536
+    burst = b"".join(
+        P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, i, i * size, size) + bytes([i + 1]) * size
+        for i in range(n)
+    )
+    sender = threading.Thread(target=c.sock.sendall, args=(burst,))
+    sender.start()
+    answered = {recv_reply(c, {})[:2] for _ in range(n)}
+    sender.join(TIMEOUT)
+    assert answered == {(i, 0) for i in range(n)}
+    # The budget holds 4 payloads with the workers, plus the one being received.
+    assert 4 <= peak <= 256 * 1024 // size + 1
+    got = bytearray(n * size)
+    disk.read_at(0, got)
+    assert got == b"".join(bytes([i + 1]) * size for i in range(n))
+
+
+# --- what a connection may do: the peer and the access policy ----------------------------------
+
+
+def test_access_policy_sees_the_peer_and_decides_per_export(
+    disks: list[shmdisk.Disk], sockdir: str
+) -> None:
+    """One policy decides for LIST, INFO/GO and EXPORT_NAME alike: read-only is enforced,
+    refused exports are hidden from LIST and refused with ERR_POLICY (or a hang-up)."""
+    seen: list[tuple[str, Peer]] = []
+    ro, hidden = disks[0].name, disks[1].name
+
+    def policy(export: str, peer: Peer) -> Access:
+        seen.append((export, peer))
+        return Access.READ_ONLY if export == ro else Access.REFUSED
+
+    with NBDServer(disks, socket_path=os.path.join(sockdir, "acl"), access=policy) as srv:
+        c = Client(str(srv.address))
+        try:
+            c.greet()
+            c.option(P.OPT_LIST)
+            replies = c.replies(P.OPT_LIST)
+            assert [d[4:].decode() for _, d in replies[:-1]] == [ro]
+            assert [k for k, _ in c.go(hidden)] == [P.REP_ERR_POLICY]
+            replies = c.go(ro)
+            assert replies[-1][0] == P.REP_ACK and info_export(replies)[1] & P.FLAG_READ_ONLY
+            assert c.write(0, b"x" * 512) == P.EPERM
+            assert c.read(0, 512) == bytes(512)
+        finally:
+            c.close()
+        c = Client(str(srv.address))
+        try:
+            c.greet()
+            c.option(P.OPT_EXPORT_NAME, hidden.encode())
+            assert c.closed_by_server()
+        finally:
+            c.close()
+    peer = seen[0][1]
+    assert peer.transport is Transport.UNIX and not peer.activated and peer.address is None
+    assert peer.credentials is not None and peer.credentials.pid == os.getpid()
+    assert peer.credentials.uid == os.getuid()
+    assert {e for e, _ in seen} == {ro, hidden}
+
+
+def test_tcp_peer_has_an_address_and_no_credentials(disks: list[shmdisk.Disk]) -> None:
+    """Over TCP the peer is named by host:port; the kernel vouches for no process there."""
+    seen: list[Peer] = []
+
+    def policy(export: str, peer: Peer) -> Access:
+        seen.append(peer)
+        return Access.READ_WRITE
+
+    with NBDServer(disks, host="127.0.0.1", port=0, access=policy) as srv:
+        address = srv.address
+        assert isinstance(address, tuple)
+        s = socket.create_connection(address, timeout=TIMEOUT)
+        c = Client.__new__(Client)
+        c.sock, c.structured = s, False
+        try:
+            c.start()
+            local = s.getsockname()
+        finally:
+            c.close()
+    assert seen and seen[0].transport is Transport.TCP and seen[0].credentials is None
+    assert seen[0].address == f"{local[0]}:{local[1]}"
+
+
+# --- protocol points found by comparing with nbdkit and qemu-nbd ------------------------------
+
+
+def test_stop_answers_every_request_already_received(
+    disks: list[shmdisk.Disk], sockdir: str
+) -> None:
+    """On stop (SIGTERM), every request the server received gets a reply before it hangs up:
+    served, or ESHUTDOWN for those not started, so a stop is quick even with gigabytes of
+    reads queued (serving them all would outlast the stop's timeout and leave them unanswered).
+    """
+    path = os.path.join(sockdir, "term")
+    srv = NBDServer([disks[1]], socket_path=path).start()
+    c = Client(path)
+    n, size = 50_000, 16 * 4096  # 3 GiB of reads
+    sent = 0
+
+    def send_requests() -> None:
+        nonlocal sent
+        try:
+            for i in range(n):
+                c.sock.sendall(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, i, 0, size))
+                sent += 1  # all of it is in the server's socket now, so it was received
+        except OSError:
+            pass  # the server shut its receiving side: the rest is refused
+
+    try:
+        c.start()
+        sender = threading.Thread(target=send_requests)
+        sender.start()
+        time.sleep(0.3)
+        stopper = threading.Thread(target=srv.stop, kwargs={"timeout": 1.0})
+        stopper.start()
+        errors: dict[int, int] = {}
+        try:
+            while True:
+                magic, error, handle = P.SIMPLE_REPLY.unpack(c.recv(P.SIMPLE_REPLY.size))
+                assert magic == P.SIMPLE_REPLY_MAGIC and handle not in errors
+                errors[handle] = error
+                if error == 0:
+                    assert c.recv(size) == bytes(size)
+        except EOFError:
+            pass  # the server hung up after its last reply
+        sender.join(TIMEOUT)
+        stopper.join(TIMEOUT)
+        assert 0 < sent < n
+        assert set(errors) == set(range(sent)), f"{sent - len(errors)} requests got no reply"
+        assert set(errors.values()) == {0, P.ESHUTDOWN}
+    finally:
+        c.close()
+        srv.stop()
+
+
+def test_unaligned_trim_discards_the_whole_pages_inside(
+    client: Client, disks: list[shmdisk.Disk]
+) -> None:
+    """TRIM is a hint: even from a client held to block sizes, an unaligned TRIM is accepted
+    and gives back exactly the whole pages inside it, leaving the ragged ends alone."""
+    disk = disks[0]
+    page = disk.page_size
+    disk.write_at(0, b"\xdd" * (4 * page))
+    client.start()  # asks for block sizes in GO: held to 512-byte alignment
+    assert client.error_of(client.request(P.CMD_TRIM, 100, 3 * page - 200)) == 0
+    assert [e.mapped for e in disk.extents(0, 4 * page // 512)] == [True, False, True]
+    assert disk.mapped_pages() == 3  # pages 0, 2, 3: page 1 was the only whole page inside
+    expect = b"\xdd" * page + bytes(page) + b"\xdd" * (2 * page)
+    assert client.read(0, 4 * page) == expect
+    # A TRIM with no whole page inside changes nothing and still succeeds.
+    assert client.error_of(client.request(P.CMD_TRIM, 2 * page + 1, page - 2)) == 0
+    assert client.read(0, 4 * page) == expect
+
+
+@pytest.fixture
+def big_disk() -> Iterator[shmdisk.Disk]:
+    """64 MiB of 512-byte sectors: room for requests past the 32 MiB maximum (sparse: free)."""
+    name = new_name("nbdbig")
+    d = shmdisk.create(name, 2 * P.MAX_REQUEST // 512)
+    yield d
+    d.disconnect()
+    shmdisk.destroy(name)
+
+
+@pytest.fixture
+def big_client(big_disk: shmdisk.Disk, sockdir: str) -> Iterator[Client]:
+    with NBDServer([big_disk], socket_path=os.path.join(sockdir, "big")) as srv:
+        c = Client(str(srv.address))
+        yield c
+        c.close()
+
+
+def test_cache_beyond_the_maximum_request_is_accepted(big_client: Client) -> None:
+    """CACHE carries no payload, so a length past the 32 MiB maximum is fine (it does nothing)."""
+    big_client.start(structured=True)
+    handle = big_client.request(P.CMD_CACHE, 0, P.MAX_REQUEST + 512)
+    assert big_client.error_of(handle) == 0
+    assert big_client.error_of(big_client.request(P.CMD_CACHE, 512, 2 * P.MAX_REQUEST)) == P.EINVAL
+
+
+def test_structured_read_beyond_the_maximum_is_eoverflow(big_client: Client) -> None:
+    """A structured READ past the maximum gets EOVERFLOW, as the protocol names it."""
+    big_client.start(structured=True)
+    handle = big_client.request(P.CMD_READ, 0, P.MAX_REQUEST + 512)
+    [(flags, kind, payload)] = big_client.chunks(handle)
+    assert kind == P.REPLY_TYPE_ERROR and flags & P.REPLY_FLAG_DONE
+    assert struct.unpack_from(">I", payload)[0] == P.EOVERFLOW
+    assert big_client.read(0, 512) == bytes(512)
+
+
+def test_simple_read_beyond_the_maximum_is_einval(big_client: Client) -> None:
+    """Without structured replies there is no EOVERFLOW to say: EINVAL, no payload."""
+    big_client.start()
+    handle = big_client.request(P.CMD_READ, 0, P.MAX_REQUEST + 512)
+    assert big_client.simple(handle) == (P.EINVAL, b"")
+    assert big_client.read(0, 512) == bytes(512)
+
+
+def test_write_beyond_the_maximum_is_refused_and_the_connection_kept(
+    big_client: Client, big_disk: shmdisk.Disk
+) -> None:
+    """A WRITE over the maximum is answered EINVAL, its payload read and dropped, and the
+    connection goes on (as nbdkit does); the disk is untouched."""
+    big_client.start(structured=True)
+    length = P.MAX_REQUEST + 4096
+    header = P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, 77, 0, length)
+    sender = threading.Thread(target=big_client.sock.sendall, args=(header + b"w" * length,))
+    sender.start()
+    assert big_client.error_of(77) == P.EINVAL
+    sender.join(TIMEOUT)
+    assert big_client.write(0, b"k" * 512) == 0
+    assert big_client.read(0, 1024) == b"k" * 512 + bytes(512)
+    assert big_disk.mapped_pages() == 1
+
+
+def test_trim_past_the_end_after_a_live_shrink_is_einval(
+    client: Client, disks: list[shmdisk.Disk]
+) -> None:
+    """The export size is fixed at the handshake; after the disk shrank, a TRIM past its new
+    end is EINVAL (out of range), like a READ there, while a WRITE there is ENOSPC."""
+    disk = disks[0]
+    page = disk.page_size
+    disk.write_at(0, b"s" * (64 * 512))
+    client.start(structured=True)
+    disk.resize(page // 512)  # one page left
+    assert client.error_of(client.request(P.CMD_TRIM, page, page)) == P.EINVAL
+    assert client.error_of(client.request(P.CMD_TRIM, page, 512)) == P.EINVAL
+    assert client.error_of(client.request(P.CMD_READ, page, 512)) == P.EINVAL
+    assert client.write(page, b"x" * 512) == P.ENOSPC
+    assert client.error_of(client.request(P.CMD_WRITE_ZEROES, page, 512)) == P.ENOSPC
+    assert client.error_of(client.request(P.CMD_TRIM, 0, page)) == 0
+    assert disk.mapped_pages() == 0
+
+
+def test_open_connections_keep_their_size_after_a_resize(
+    server: NBDServer, disks: list[shmdisk.Disk]
+) -> None:
+    """What the README promises: an open connection keeps the size of its handshake (after a
+    grow, the new space needs a new connection); new connections see the new size."""
+    disk = disks[0]
+    old = Client(str(server.address))
+    try:
+        old.start()
+        disk.resize(128)
+        assert old.error_of(old.request(P.CMD_READ, 64 * 512, 512)) == P.EINVAL
+        assert old.write(64 * 512, b"g" * 512) == P.ENOSPC
+        assert old.write(63 * 512, b"o" * 512) == 0
+        new = Client(str(server.address))
+        try:
+            new.greet()
+            assert info_export(new.go())[0] == 128 * 512
+            assert new.write(127 * 512, b"n" * 512) == 0
+            assert new.read(63 * 512, 512) == b"o" * 512
+        finally:
+            new.close()
+    finally:
+        old.close()
+
+
+def test_a_big_unwritten_structured_read_is_one_hole_chunk(
+    big_client: Client, big_disk: shmdisk.Disk
+) -> None:
+    """A structured READ of 64 KiB or more over unwritten pages is answered with one hole
+    chunk; as soon as one page in it holds data, it is one data chunk with the bytes."""
+    c = big_client
+    c.start(structured=True)
+    handle = c.request(P.CMD_READ, 65536, 131072)
+    assert c.chunks(handle) == [
+        (P.REPLY_FLAG_DONE, P.REPLY_TYPE_OFFSET_HOLE, struct.pack(">QI", 65536, 131072))
+    ]
+    assert c.read(65536, 131072) == bytes(131072)
+    big_disk.write_at(65536 + 100_000, b"!")
+    [(flags, kind, payload)] = c.chunks(c.request(P.CMD_READ, 65536, 131072))
+    assert kind == P.REPLY_TYPE_OFFSET_DATA and flags & P.REPLY_FLAG_DONE
+    assert payload == struct.pack(">Q", 65536) + bytes(100_000) + b"!" + bytes(31071)
+    handle = c.request(P.CMD_READ, 0, 4096)  # short reads are never holes
+    assert c.chunks(handle)[0][1] == P.REPLY_TYPE_OFFSET_DATA
+
+
+def test_a_server_bug_is_logged_with_its_traceback_and_answered_eio(
+    wide: tuple[shmdisk.Disk, Client],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An exception no disk call should raise is a bug: the client gets EIO, the log gets the
+    traceback, and the connection goes on."""
+    _, c = wide
+
+    def broken(self: shmdisk.Disk, offset: int, buf: Any, *, wait: bool = True) -> None:
+        raise AttributeError("'NoneType' object has no attribute 'copy'")
+
+    monkeypatch.setattr(shmdisk.Disk, "read_at", broken)
+    with caplog.at_level("ERROR", logger="shmdisk.nbd"):
+        assert c.error_of(c.request(P.CMD_READ, 0, 512)) == P.EIO
+    [record] = [r for r in caplog.records if "server bug" in r.getMessage()]
+    assert "while serving READ" in record.getMessage()
+    assert record.exc_info is not None and record.exc_info[0] is AttributeError
+    monkeypatch.undo()
+    assert c.write(0, b"a" * 512) == 0

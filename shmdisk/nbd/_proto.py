@@ -9,6 +9,9 @@ from __future__ import annotations
 import errno
 import struct
 
+DEFAULT_PORT = 10809  # the IANA-assigned NBD port
+DEFAULT_HOST = "127.0.0.1"  # the server listens on loopback unless told otherwise
+
 # --- handshake -----------------------------------------------------------------------------
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"

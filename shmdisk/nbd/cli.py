@@ -9,8 +9,25 @@ from __future__ import annotations
 import argparse
 import sys
 
-DEFAULT_PORT = 10809
-DEFAULT_HOST = "127.0.0.1"
+from ._proto import DEFAULT_HOST, DEFAULT_PORT
+
+DESCRIPTION = """\
+Serve one or more disks to NBD clients (nbdinfo, nbdcopy, qemu-img, nbdfuse, nbd-client).
+Clients pick a disk by export name; the first NAME is also the default export. Local
+processes keep using the disks through shared memory at the same time."""
+
+EXAMPLES = f"""\
+Where: --socket PATH, --bind HOST:PORT, or else a listening socket passed by socket
+activation (LISTEN_PID/LISTEN_FDS: systemd .socket units, and the "[ CMD ]" of nbdinfo,
+nbdcopy and nbdfuse), or else TCP {DEFAULT_HOST}:{DEFAULT_PORT}.
+
+examples:
+  shmdisk serve vm0 --socket /tmp/nbd.sock      nbd+unix:///vm0?socket=/tmp/nbd.sock
+  shmdisk serve vm0 data --bind 0.0.0.0:10809   two exports over TCP, on every interface
+  shmdisk serve --read-only --create scratch    clients may only read
+  nbdinfo [ shmdisk serve vm0 ]                 captive: the client starts the server
+  nbdcopy -- [ shmdisk serve vm0 ] out.img      copy the disk out through a captive server
+"""
 
 
 def parse_bind(text: str) -> tuple[str, int]:
@@ -47,11 +64,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = subparsers.add_parser(
         "serve",
         help="export disks over the NBD protocol",
-        description=(
-            "Serve one or more disks to NBD clients (nbdinfo, nbdcopy, qemu-img, nbd-client). "
-            "Clients pick a disk by export name; the first NAME is the default export. "
-            "Local processes keep using the disks through shared memory at the same time."
-        ),
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("names", nargs="+", metavar="NAME", help="disk to export (export name = NAME)")
     where = p.add_mutually_exclusive_group()
@@ -68,7 +83,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help="create missing disks with the default geometry instead of failing",
     )
-    p.add_argument("--quiet", "-q", action="store_true", help="no per-connection log lines")
+    talk = p.add_mutually_exclusive_group()
+    talk.add_argument("--quiet", "-q", action="store_true", help="no per-connection log lines")
+    talk.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="per-connection log lines even on an activated socket (where they are off)",
+    )
     p.set_defaults(func=serve_command)
 
 
@@ -85,6 +107,7 @@ def serve_command(args: argparse.Namespace) -> int:
             read_only=bool(args.read_only),
             create=bool(args.create),
             quiet=bool(args.quiet),
+            verbose=bool(args.verbose),
         )
     except KeyboardInterrupt:
         return 0

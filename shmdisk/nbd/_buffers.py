@@ -1,0 +1,91 @@
+"""Page-aligned payload buffers, reused by one connection's requests.
+
+A buffer is an anonymous mapping big enough for the largest request plus its reply header:
+page aligned (the disk copies to and from page-aligned memory fastest), and costing memory only
+where touched. A read is filled right behind its reply header and leaves in one send; a write
+payload is received straight into one and handed to the disk.
+
+Memory stays bounded: a connection holds one buffer for the request it is serving, plus one
+per request waiting on a worker (at most ``MAX_IN_FLIGHT``), and a buffer given back after a
+request larger than :data:`KEEP` returns the memory past ``KEEP`` to the system, so an idle
+connection keeps at most ``KEEP`` per buffer.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+from . import _proto as P
+
+__all__ = ["DATA_AT", "KEEP", "Buffer", "BufferPool"]
+
+# Where a payload starts inside a buffer. The reply header sits just before it, so header and
+# data leave in one send. 256 bytes past the page boundary keeps the copies between this buffer
+# and the disk's page-aligned memory off the 8/16-byte page-offset aliasing that makes the fast
+# string copy of some CPUs several times slower.
+DATA_AT = 256
+# Requests up to this size (qemu-img's 2 MiB, nbdcopy's 256 KiB, fio's 1 MiB) reuse their
+# buffer's memory; bigger ones fault it in again each time, which costs about what copying it
+# does, so only rare giant requests pay it.
+KEEP = 4 << 20
+
+
+class Buffer:
+    """One request's payload space: ``payload(n)`` is where its ``n`` bytes go."""
+
+    __slots__ = ("_map", "used", "view")
+
+    def __init__(self) -> None:
+        self._map = mmap.mmap(-1, DATA_AT + P.MAX_REQUEST)
+        self.view = memoryview(self._map)
+        self.used = 0  # the most of it any request has touched since it was last trimmed
+
+    def payload(self, n: int) -> memoryview:
+        if n > self.used:
+            self.used = n
+        return self.view[DATA_AT : DATA_AT + n]
+
+    def trim(self) -> None:
+        """Give back the memory past :data:`KEEP` (its bytes read as zeros afterwards)."""
+        if self.used > KEEP:
+            start = DATA_AT + KEEP
+            page = mmap.PAGESIZE
+            start = -(-start // page) * page
+            self._map.madvise(mmap.MADV_DONTNEED, start, len(self._map) - start)
+        self.used = 0
+
+    def close(self) -> None:
+        # A slice of the view still alive somewhere would make close() raise; the mapping then
+        # goes away with its last reference instead.
+        try:
+            self.view.release()
+            self._map.close()
+        except BufferError:
+            pass
+
+
+class BufferPool:
+    """The buffers of one connection; grows to the most requests it had in flight at once."""
+
+    def __init__(self) -> None:
+        self._free: list[Buffer] = []
+        self._all: list[Buffer] = []
+
+    def take(self) -> Buffer:
+        try:
+            return self._free.pop()
+        except IndexError:
+            buf = Buffer()
+            self._all.append(buf)
+            return buf
+
+    def give(self, buf: Buffer) -> None:
+        if buf.used > KEEP:
+            buf.trim()
+        self._free.append(buf)
+
+    def close(self) -> None:
+        for buf in self._all:
+            buf.close()
+        self._all.clear()
+        self._free.clear()
