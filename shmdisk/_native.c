@@ -706,6 +706,57 @@ static PyObject *request(EngineObject *e, PyObject *args, int writing) {
     return PyLong_FromLong(st);
 }
 
+/* read_sectors / write_sectors(sector, buffer): Disk.read and Disk.write's own fast path.
+ * Only the plain case is done here: an exact int sector and one contiguous buffer of plain
+ * format whose length is a non-zero whole number of sectors. Anything else (and any failure
+ * to take the buffer) returns ST_SLOW without an exception set: the Python front then checks
+ * the arguments itself and raises the typed error. */
+static PyObject *sector_request(EngineObject *e, PyObject *const *args, Py_ssize_t nargs,
+                                int writing) {
+    if (!ready(e))
+        return NULL;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "expected (sector, buffer)");
+        return NULL;
+    }
+    PyObject *sector = args[0], *buf = args[1];
+    if (!PyLong_CheckExact(sector) || PyList_Check(buf) || PyTuple_Check(buf))
+        return PyLong_FromLong(ST_SLOW);
+    int overflow = 0;
+    long long s = PyLong_AsLongLongAndOverflow(sector, &overflow);
+    if ((s == -1 && PyErr_Occurred()) || overflow) {
+        PyErr_Clear();
+        return PyLong_FromLong(ST_SLOW);
+    }
+    Views v;
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writing ? 0 : PyBUF_WRITABLE);
+    if (PyObject_GetBuffer(buf, &v.view[0], flags) < 0) {
+        PyErr_Clear();
+        return PyLong_FromLong(ST_SLOW);
+    }
+    v.n = 1;
+    v.total = (uint64_t)v.view[0].len;
+    int st = ST_SLOW;
+    long long limit = (long long)(e->max_pages << e->page_shift) / (long long)e->sector_size;
+    if (plain_format(v.view[0].format) && v.total && v.total % e->sector_size == 0 && s >= 0 &&
+        s <= limit) {
+        long long off = s * (long long)e->sector_size;
+        st = writing ? do_write(e, off, &v) : do_read(e, off, &v);
+    }
+    release_views(&v);
+    if (st < 0)
+        return NULL;
+    return PyLong_FromLong(st);
+}
+
+static PyObject *Engine_read_sectors(EngineObject *e, PyObject *const *args, Py_ssize_t n) {
+    return sector_request(e, args, n, 0);
+}
+
+static PyObject *Engine_write_sectors(EngineObject *e, PyObject *const *args, Py_ssize_t n) {
+    return sector_request(e, args, n, 1);
+}
+
 static PyObject *Engine_read(EngineObject *e, PyObject *args) { return request(e, args, 0); }
 
 static PyObject *Engine_write(EngineObject *e, PyObject *args) { return request(e, args, 1); }
@@ -828,6 +879,10 @@ static PyMethodDef Engine_methods[] = {
      "read(offset, buffers) -> status: fill buffers from byte offset, lock-free"},
     {"write", (PyCFunction)Engine_write, METH_VARARGS,
      "write(offset, buffers) -> status: a rewrite of mapped pages under their stripes"},
+    {"read_sectors", (PyCFunction)(void (*)(void))Engine_read_sectors, METH_FASTCALL,
+     "read_sectors(sector, buffer) -> status: read() for the plain case, else ST_SLOW"},
+    {"write_sectors", (PyCFunction)(void (*)(void))Engine_write_sectors, METH_FASTCALL,
+     "write_sectors(sector, buffer) -> status: write() for the plain case, else ST_SLOW"},
     {"trylock", (PyCFunction)Engine_trylock, METH_VARARGS,
      "trylock(stripe) -> 0 or errno; a dead holder's pages are repaired first"},
     {"lock", (PyCFunction)Engine_lock, METH_VARARGS,

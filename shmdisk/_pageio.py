@@ -240,6 +240,20 @@ def stripes_for(p0: int, p1: int) -> list[int]:
     return [*range(r1 + 1), *range(r0, L.STRIPES)]
 
 
+def _flat(b: Any, writable: bool) -> bool:
+    """A buffer the python engine's fast paths take as it is: flat, contiguous bytes."""
+    t = type(b)
+    if t is bytearray or (t is bytes and not writable):
+        return True
+    return (
+        t is memoryview
+        and b.format == "B"
+        and b.ndim == 1
+        and b.c_contiguous
+        and not (writable and b.readonly)
+    )
+
+
 def _slow(off: int, buf: Any) -> int:
     """The fast path of a disconnected handle: always the slow path (which raises)."""
     return 1
@@ -370,6 +384,118 @@ def copy_out(m: Mapping, off: int, views: Sequence[memoryview], ws: Words) -> No
 # ---------------------------------------------------------------- a handle's page I/O
 
 
+def python_fast_paths(m: Mapping) -> tuple[Any, Any, Any, Any]:
+    """The python engine's commonest requests, written out flat for one mapping.
+
+    ``read_page(off, buf)`` (a lock-free read within one page), ``write_page(off, buf)`` (a
+    rewrite of one mapped page under its stripe), and ``read_sectors`` / ``write_sectors``
+    (the same from a sector number, with Disk.read/write's argument checks), each returning 0
+    when done and 1 when the general path must do it. They are the protocol steps of
+    ``PageIO._read_lock_free`` and ``PageIO._write_pages`` specialised to one page, bound to
+    the mapping's views as closure variables: in pure Python every attribute lookup on the hot
+    path costs a few percent of a 4 KiB request.
+    """
+    seg = m.seg
+    hq, wv, lq, known, dv, key = seg.hq, seg.wv, seg.lq, seg.known, m.dv, seg.key
+    cap, shift, ss = m.cap, seg.shift, seg.sector_size
+    table = m.table
+    plain = m.base is None
+    addrs = table.addr if table is not None else []
+    trylock: Any = table.c_trylock if table is not None else None
+    unlock: Any = table.c_unlock if table is not None else None
+    held = _held
+
+    def read_page(off: int, buf: Any) -> int:
+        if type(buf) is list:
+            return 1  # several buffers: the general path
+        end = off + len(buf)
+        p0 = off >> shift
+        if (
+            end > off >= 0
+            and (end - 1) >> shift == p0
+            and end <= cap
+            and plain
+            and known[p0 >> _MAP_SHIFT]
+            and end <= hq[_F_SIZE] * ss
+            and not hq[_F_GONE]
+        ):
+            w = wv[p0]
+            if not w & 1:
+                if w >= _MAPPED:
+                    buf[:] = dv[off:end]
+                else:
+                    zero_view(memoryview(buf))
+                if wv[p0] == w:
+                    return 0
+        return 1
+
+    def write_page(off: int, buf: Any) -> int:
+        if type(buf) is list:
+            return 1  # several buffers: the general path
+        keys = held.keys
+        end = off + len(buf)
+        p0 = off >> shift
+        if (
+            trylock is None
+            or keys
+            or off < 0
+            or end <= off
+            or (end - 1) >> shift != p0
+            or end > cap
+            or not known[p0 >> _MAP_SHIFT]
+        ):
+            return 1
+        s = (p0 >> L.STRIPE_SHIFT) % L.STRIPES
+        addr = addrs[s]
+        keys.append(key)
+        try:
+            rc = trylock(addr)
+            if rc == 0:
+                lq[s * _SLOT_Q + _I_FIRST] = p0
+                lq[s * _SLOT_Q + _I_COUNT] = 1
+                w = wv[p0]
+                if (
+                    w >= _MAPPED
+                    and not hq[_F_GONE]
+                    and not hq[_F_FROZEN]
+                    and end <= hq[_F_SIZE] * ss
+                ):
+                    big = end - off >= _FENCE_BYTES
+                    wv[p0] = w | 1  # odd: lock-free readers retry or wait
+                    if big:
+                        _stripes.fence()
+                    dv[off:end] = buf
+                    if big:
+                        _stripes.fence()
+                    wv[p0] = _MAPPED | ((w + 2) & _SEQ)  # even again, one step on
+                    unlock(addr)
+                    return 0
+                unlock(addr)
+            elif rc == errno.EOWNERDEAD:
+                table.after_trylock(s, rc)  # repaired; the general path takes it again
+                unlock(addr)
+        except BaseException:
+            _release_after_error(m, [s])
+            raise
+        finally:
+            keys.pop()
+        return 1
+
+    def read_sectors(sector: Any, buf: Any) -> int:
+        if type(sector) is not int or not _flat(buf, True) or sector < 0:
+            return 1
+        n = len(buf)
+        return 1 if not n or n % ss else read_page(sector * ss, buf)
+
+    def write_sectors(sector: Any, buf: Any) -> int:
+        if type(sector) is not int or not _flat(buf, False) or sector < 0:
+            return 1
+        n = len(buf)
+        return 1 if not n or n % ss else write_page(sector * ss, buf)
+
+    return read_page, write_page, read_sectors, write_sectors
+
+
 class PageIO:
     """The page I/O of one handle: its current mapping and every operation on pages.
 
@@ -386,17 +512,23 @@ class PageIO:
         # path: the native engine's calls, or the python engine's one-page paths.
         self.fast_read: Any = _slow
         self.fast_write: Any = _slow
+        # read_sectors / write_sectors(sector, buffer) -> 0 when done: the same for whole
+        # sectors, with the plain-argument checks of Disk.read/write done inside.
+        self.read_sectors: Any = _slow
+        self.write_sectors: Any = _slow
         self.attach(m)
 
     def attach(self, m: Mapping | None) -> None:
         """Make ``m`` the current mapping (None: disconnected)."""
         self.m = m
         if m is None:
-            self.fast_read = self.fast_write = _slow
+            self.fast_read = self.fast_write = self.read_sectors = self.write_sectors = _slow
         elif m.native is not None:
             self.fast_read, self.fast_write = m.native.read, m.native.write
+            self.read_sectors, self.write_sectors = m.native.read_sectors, m.native.write_sectors
         else:
-            self.fast_read, self.fast_write = self._py_read_page, self._py_write_page
+            paths = python_fast_paths(m)
+            self.fast_read, self.fast_write, self.read_sectors, self.write_sectors = paths
 
     # ------------------------------------------------------------ checks
 
@@ -566,35 +698,6 @@ class PageIO:
             pass  # an offset beyond 64 bits: the checks of the slow path say what is wrong
         self._read_slow(self.m, off, views, total, wait, timeout)
 
-    def _py_read_page(self, off: int, buf: Any) -> int:
-        """The python engine's commonest read, written out flat: one buffer in one page."""
-        m = self.m
-        if m is None or type(buf) is list:
-            return 1
-        seg = m.seg
-        hq = seg.hq
-        end = off + len(buf)
-        p0 = off >> seg.shift
-        if (
-            end > off >= 0
-            and (end - 1) >> seg.shift == p0
-            and end <= m.cap
-            and end <= hq[_F_SIZE] * seg.sector_size
-            and not hq[_F_GONE]
-            and m.base is None
-            and seg.known[p0 >> _MAP_SHIFT]
-        ):
-            wv = seg.wv
-            w = wv[p0]
-            if not w & 1:
-                if w >= _MAPPED:
-                    buf[:] = m.dv[off:end]
-                else:
-                    zero_view(memoryview(buf))
-                if wv[p0] == w:
-                    return 0
-        return 1
-
     def _read_slow(
         self,
         m: Mapping | None,
@@ -673,58 +776,6 @@ class PageIO:
         except OverflowError:
             pass  # an offset beyond 64 bits: the checks of the slow path say what is wrong
         self._write_slow(self.m, off, views, total, wait, timeout)
-
-    def _py_write_page(self, off: int, buf: Any) -> int:
-        """The python engine's commonest write, written out flat: a rewrite of one page."""
-        m = self.m
-        if m is None or m.table is None or type(buf) is list or _held.keys:
-            return 1
-        seg = m.seg
-        hq = seg.hq
-        total = len(buf)
-        end = off + total
-        shift = seg.shift
-        p0 = off >> shift
-        if not (end > off >= 0 and (end - 1) >> shift == p0 and end <= m.cap):
-            return 1
-        if not seg.known[p0 >> _MAP_SHIFT]:
-            return 1
-        s = (p0 >> L.STRIPE_SHIFT) % L.STRIPES
-        table = m.table
-        keys = _held.keys
-        keys.append(seg.key)
-        try:
-            rc = table.c_trylock(table.addr[s])
-            if rc == 0:
-                lq, wv = seg.lq, seg.wv
-                lq[s * _SLOT_Q + _I_FIRST] = p0
-                lq[s * _SLOT_Q + _I_COUNT] = 1
-                w = wv[p0]
-                if (
-                    w >= _MAPPED
-                    and not hq[_F_GONE]
-                    and not hq[_F_FROZEN]
-                    and end <= hq[_F_SIZE] * seg.sector_size
-                ):
-                    wv[p0] = w | 1  # odd: lock-free readers retry or wait
-                    if total >= _FENCE_BYTES:
-                        _stripes.fence()
-                    m.dv[off:end] = buf
-                    if total >= _FENCE_BYTES:
-                        _stripes.fence()
-                    wv[p0] = _MAPPED | ((w + 2) & _SEQ)  # even again, one step on
-                    table.c_unlock(table.addr[s])
-                    return 0
-                table.c_unlock(table.addr[s])
-            elif rc == errno.EOWNERDEAD:
-                table.after_trylock(s, rc)  # repaired; the slow path takes it again
-                table.c_unlock(table.addr[s])
-        except BaseException:
-            _release_after_error(m, [s])
-            raise
-        finally:
-            keys.pop()
-        return 1
 
     def _write_slow(
         self,

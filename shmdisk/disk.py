@@ -231,17 +231,10 @@ class Disk:
         would have to wait for a writer raises ``WouldBlockError``; with ``timeout`` one that
         waits longer raises ``LockTimeoutError``; either way nothing was read.
         """
-        ss = self._ss
-        if type(buffers) is bytearray and type(sector) is int and timeout is None:
-            # The common case, checked without building views.
-            n = len(buffers)
-            if not n % ss:
-                io = self._io
-                if n and io.fast_read(sector * ss, buffers) == 0:
-                    return None
-                return io.read(sector * ss, (buffers,), n, wait)  # type: ignore[arg-type]
+        if timeout is None and self._io.read_sectors(sector, buffers) == 0:
+            return  # the common case, checked and done in one call
         views, total = self._views(buffers, True)
-        off = _index(sector, "sector") * ss
+        off = _index(sector, "sector") * self._ss
         self._io.read(off, views, total, wait, _timeout(timeout))
 
     def write(
@@ -252,15 +245,8 @@ class Disk:
         All or nothing, and atomic against every other call from any thread or process.
         ``wait`` and ``timeout`` as for ``read``.
         """
-        t = type(buffers)
-        if (t is bytes or t is bytearray) and type(sector) is int and timeout is None:
-            # The common case: a plain byte buffer is copied from as it is.
-            n = len(buffers)  # type: ignore[arg-type]
-            if not n % self._ss:
-                io = self._io
-                if n and io.fast_write(sector * self._ss, buffers) == 0:
-                    return None
-                return io.write(sector * self._ss, (buffers,), n, wait)  # type: ignore[arg-type]
+        if timeout is None and self._io.write_sectors(sector, buffers) == 0:
+            return  # the common case, checked and done in one call
         views, total = self._views(buffers, False)
         off = _index(sector, "sector") * self._ss
         self._io.write(off, views, total, wait, _timeout(timeout))
