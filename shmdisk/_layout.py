@@ -94,8 +94,8 @@ ZEROED = 1 << 30
 FLAGS = MAPPED | ZEROED
 SEQ_MASK = ZEROED - 1
 MAP_WORD_SIZE = 4
-WORDS_PER_MAP_PAGE = 1024  # page-map words in one OS page of the map
-MAP_PAGE_SHIFT = 10
+MAP_PAGE_BYTES = 4096  # the page map is allocated (and known to hold memory) in OS pages
+MAP_PAGE_SHIFT = 10  # page-map words in one OS page of the map: 1 << 10
 
 # Futex word of a robust mutex (first 4 bytes of the slot), as the kernel defines it.
 FUTEX_WAITERS = 0x80000000

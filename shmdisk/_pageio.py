@@ -131,7 +131,7 @@ def snapshot(seg: Segment, p0: int, p1: int) -> Words:
     out = np.zeros(p1 - p0, dtype=np.uint32)
     for g in range(g0, g1 + 1):
         if not known[g]:
-            off = L.MAP_OFFSET + (g << 12)
+            off = L.MAP_OFFSET + g * L.MAP_PAGE_BYTES
             try:
                 if os.lseek(seg.fd, off, os.SEEK_DATA) != off:
                     continue
@@ -148,7 +148,7 @@ def allocate_map(seg: Segment, p0: int, p1: int) -> None:
     known = seg.known
     for g in range(p0 >> _MAP_SHIFT, ((p1 - 1) >> _MAP_SHIFT) + 1):
         if not known[g]:
-            _fallocate(seg, L.MAP_OFFSET + (g << 12), 4096, "page map")
+            _fallocate(seg, L.MAP_OFFSET + g * L.MAP_PAGE_BYTES, L.MAP_PAGE_BYTES, "page map")
             known[g] = 1
 
 

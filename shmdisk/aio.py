@@ -33,13 +33,13 @@ import shmdisk
 from shmdisk.errors import WouldBlockError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
     from types import TracebackType
     from typing import Self
 
-    from typing_extensions import Buffer
-
     from shmdisk import Disk, DiskInfo, Extent, SegmentInfo
+
+    from .disk import Buffer
 
 __all__ = [
     "AsyncDisk",
@@ -228,7 +228,7 @@ class AsyncDisk:
     # thread-pool round trip; when someone does, WouldBlockError says so before anything was
     # touched and the request goes to the pool, where waiting blocks no loop.
 
-    async def read(self, sector: int, buffers: Buffer | list[Buffer]) -> None:
+    async def read(self, sector: int, buffers: Buffer | Sequence[Buffer]) -> None:
         """``Disk.read``: fill the buffers (whole sectors each) from ``sector`` on, atomically."""
         if _small(buffers):
             try:
@@ -237,7 +237,7 @@ class AsyncDisk:
                 pass
         await _run(self._disk.read, sector, buffers)
 
-    async def write(self, sector: int, buffers: Buffer | list[Buffer]) -> None:
+    async def write(self, sector: int, buffers: Buffer | Sequence[Buffer]) -> None:
         """``Disk.write``: copy the buffers (whole sectors each) to ``sector`` on, atomically."""
         if _small(buffers):
             try:

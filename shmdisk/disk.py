@@ -36,9 +36,13 @@ from .errors import (
 if TYPE_CHECKING:
     from typing import TypeAlias
 
-    from typing_extensions import Buffer
+    import numpy.typing as npt
+    from typing_extensions import Buffer as _Buffer
 
-    # One buffer-protocol object, or a list/tuple of them (consecutive sectors).
+    # A buffer-protocol object. numpy's stubs declare arrays' buffer protocol (__buffer__)
+    # only for Python 3.12 and later, so arrays are named too, or mypy refuses them on 3.11.
+    Buffer: TypeAlias = _Buffer | npt.NDArray[Any]
+    # One buffer, or a list/tuple of them (consecutive sectors).
     Buffers: TypeAlias = Buffer | Iterable[Buffer]
 
 __all__ = [

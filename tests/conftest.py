@@ -14,19 +14,32 @@ import shmdisk
 # it from _helpers (importing conftest by name fails under --import-mode=importlib).
 __all__ = ["new_name"]
 
-# In CI the machine is ours alone: any new shmdisk segment after a test is a leak. On a
-# developer's machine other test runs may create segments concurrently, so there only the
-# segments this pytest process created itself count.
+# In CI the machine is ours alone, so a new segment whose creator has exited (a child process
+# of the test that leaked it) counts as the test's leak too. Everywhere, a segment whose creator
+# is another live process is not ours to judge or remove: other test runs may be at work.
 STRICT = bool(os.environ.get("CI"))
 
 
-def _ours(name: str) -> bool:
-    if STRICT:
-        return True
+def _alive(pid: int) -> bool:
     try:
-        return shmdisk.inspect(name).creator_pid == os.getpid()
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _ours(name: str) -> bool:
+    try:
+        info = shmdisk.inspect(name)
     except shmdisk.ShmdiskError:
         return False
+    if info.creator_pid == os.getpid():
+        return True
+    if not STRICT or info.creator_pid is None:
+        return STRICT and info.state != "ok" and info.uid == os.geteuid()
+    return info.creator_uid == os.geteuid() and not _alive(info.creator_pid)
 
 
 @pytest.fixture(autouse=True)

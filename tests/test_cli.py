@@ -343,8 +343,21 @@ def test_info_text_and_json(names: list[str]) -> None:
     assert fields["state"].strip() == "ok"
     assert fields["size"].strip() == "1000 KiB (1024000 bytes), 1000 sectors"
     assert fields["sector size"].strip() == "1024 bytes"
+    assert fields["engine"].strip() == f"{shmdisk.ENGINE} (this process)"
+    assert doc["engine"] == shmdisk.ENGINE
     missing = f"test-cli-nothere-{os.getpid()}"
     assert fails("info", missing) == f"shmdisk: error: no such disk: {missing}"
+
+
+def test_version_names_the_engine() -> None:
+    """--version says the version and which engine runs (native, or python without the C
+    extension or with SHMDISK_NO_EXTENSIONS=1)."""
+    assert ok("--version").strip() == f"shmdisk {shmdisk.__version__} ({shmdisk.ENGINE} engine)"
+    env = {**ENV, "SHMDISK_NO_EXTENSIONS": "1"}
+    r = subprocess.run(
+        [sys.executable, "-m", "shmdisk", "--version"], capture_output=True, env=env, timeout=60
+    )
+    assert r.stdout.decode().strip() == f"shmdisk {shmdisk.__version__} (python engine)"
 
 
 def test_tools_shmdisk_ls_runs_from_a_checkout_without_install() -> None:

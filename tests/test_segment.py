@@ -181,12 +181,11 @@ def _die_mid_creation(name: str) -> None:
 
 def test_creator_killed_mid_creation_leaves_nothing(name: str) -> None:
     """A creator SIGKILLed half-way leaves no segment and no wedged name."""
-    before = set(os.listdir("/dev/shm"))
     p = multiprocessing.get_context("fork").Process(target=_die_mid_creation, args=(name,))
     p.start()
     p.join(30)
     assert p.exitcode == -signal.SIGKILL
-    assert set(os.listdir("/dev/shm")) == before
+    assert not [e for e in os.listdir("/dev/shm") if name in e]  # not even a temporary name
     t0 = time.monotonic()
     with pytest.raises(shmdisk.DiskNotFoundError):
         shmdisk.connect(name, create=False)

@@ -69,7 +69,8 @@ def _add_serve(sub: Any) -> None:
 def _version() -> str:
     # The package's own version, so a checkout run in place (tools/shmdisk-ls) reports itself,
     # not whatever shmdisk happens to be installed.
-    return f"shmdisk {shmdisk.__version__}"
+    # The engine too: which one runs decides how fast, and a missing compiler shows here.
+    return f"shmdisk {shmdisk.__version__} ({shmdisk.ENGINE or 'no'} engine)"
 
 
 def _dispatch(args: argparse.Namespace, prog: str) -> int:

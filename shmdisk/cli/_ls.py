@@ -282,7 +282,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         raise CliError(errors[0])
     e = entries[0]
     if args.json:
-        print_json({"disk": e})
+        print_json({"disk": e, "engine": shmdisk.ENGINE})
         return 0
 
     def size(n: int | None) -> str:
@@ -315,6 +315,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         pids = ", ".join(map(str, e["holder_pids"]))
         lines.append(("holders", f"{e['holders']}" + (f" (pids {pids})" if pids else "")))
+    lines.append(("engine", f"{shmdisk.ENGINE or 'none on this platform'} (this process)"))
     width = max(len(k) for k, _ in lines) + 1
     for key, value in lines:
         print(f"{key + ':':<{width}} {value}")
