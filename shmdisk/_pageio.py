@@ -45,7 +45,6 @@ holes are found with ``SEEK_DATA`` (``snapshot``).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import mmap
 import os
@@ -496,6 +495,82 @@ def python_fast_paths(m: Mapping) -> tuple[Any, Any, Any, Any]:
     return read_page, write_page, read_sectors, write_sectors
 
 
+class _Hold:
+    """``with``: the stripes of one call, taken in ascending order with the intent recorded;
+    released on leaving, and repaired first if an exception (Ctrl-C included) left the pages
+    half-changed. A class rather than a generator: it is on every first write's path."""
+
+    __slots__ = ("deadline", "intent", "io", "key", "m", "stripes", "taken", "wait")
+
+    def __init__(
+        self,
+        io: PageIO,
+        m: Mapping,
+        stripes: list[int],
+        intent: tuple[int, int],
+        wait: bool,
+        deadline: float | None,
+    ) -> None:
+        self.io, self.m, self.stripes, self.intent = io, m, stripes, intent
+        self.wait, self.deadline, self.taken = wait, deadline, 0
+        self.key = m.seg.key
+
+    def __enter__(self) -> None:
+        m, name = self.m, self.io.name
+        if not m.seg.writable:
+            raise IsReadOnlyError(f"disk {name!r} is connected read-only")
+        held = _held
+        if self.key in held.keys:
+            raise ReentrantCallError(
+                f"disk {name!r}: this thread is inside another call on this disk "
+                "(a signal handler?); a nested call would wait for itself"
+            )
+        if held.count + len(self.stripes) > _stripes.ROBUST_LIST_LIMIT:
+            raise ReentrantCallError(
+                f"disk {name!r}: this thread would hold more than "
+                f"{_stripes.ROBUST_LIST_LIMIT} locks"
+            )
+        held.keys.append(self.key)
+        table = m.table
+        first, count = self.intent
+        try:
+            for s in self.stripes:
+                rc = table.trylock(s)
+                if rc == errno.EBUSY:
+                    if not self.wait:
+                        raise WouldBlockError(
+                            f"disk {name!r}: pages are locked by another thread or process"
+                        )
+                    rc = self.io._wait(table, s, self.deadline)
+                if rc:
+                    raise _lock_error(name, rc)
+                self.taken += 1
+                if count:
+                    table.set_intent(s, first, count)
+        except BaseException:
+            self._undo()
+            raise
+        held.count += self.taken
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        _held.count -= self.taken
+        if exc_type is None:
+            table = self.m.table
+            for s in reversed(self.stripes):
+                table.unlock(s)
+            _held.keys.remove(self.key)
+        else:
+            self._undo()
+
+    def _undo(self) -> None:
+        # The stripe being taken when the exception came may be ours too: the release looks
+        # at each one's owner.
+        try:
+            _release_after_error(self.m, self.stripes[: self.taken + 1])
+        finally:
+            _held.keys.remove(self.key)
+
+
 class PageIO:
     """The page I/O of one handle: its current mapping and every operation on pages.
 
@@ -600,7 +675,6 @@ class PageIO:
 
     # ------------------------------------------------------------ holding stripes
 
-    @contextlib.contextmanager
     def holding(
         self,
         m: Mapping,
@@ -608,55 +682,9 @@ class PageIO:
         intent: tuple[int, int],
         wait: bool = True,
         deadline: float | None = None,
-    ) -> Iterator[None]:
-        """Hold ``stripes`` of ``m``'s table (with ``intent`` recorded) while the block runs."""
-        seg = m.seg
-        if not seg.writable:
-            raise IsReadOnlyError(f"disk {self.name!r} is connected read-only")
-        held = _held
-        if seg.key in held.keys:
-            raise ReentrantCallError(
-                f"disk {self.name!r}: this thread is inside another call on this disk "
-                "(a signal handler?); a nested call would wait for itself"
-            )
-        if held.count + len(stripes) > _stripes.ROBUST_LIST_LIMIT:
-            raise ReentrantCallError(
-                f"disk {self.name!r}: this thread would hold more than "
-                f"{_stripes.ROBUST_LIST_LIMIT} locks"
-            )
-        held.keys.append(seg.key)
-        table = m.table
-        taken = 0
-        try:
-            first, count = intent
-            for s in stripes:
-                rc = table.trylock(s)
-                if rc == errno.EBUSY:
-                    if not wait:
-                        raise WouldBlockError(
-                            f"disk {self.name!r}: pages are locked by another thread or process"
-                        )
-                    rc = self._wait(table, s, deadline)
-                if rc:
-                    raise _lock_error(self.name, rc)
-                taken += 1
-                if count:
-                    table.set_intent(s, first, count)
-            held.count += taken
-            try:
-                yield
-            finally:
-                held.count -= taken
-        except BaseException:
-            # The stripe being taken when the exception came may be ours too: the release
-            # looks at each one's owner.
-            _release_after_error(m, stripes[: taken + 1])
-            raise
-        else:
-            for s in reversed(stripes):
-                table.unlock(s)
-        finally:
-            held.keys.remove(seg.key)
+    ) -> _Hold:
+        """Hold ``stripes`` of ``m``'s table (with ``intent`` recorded) while a block runs."""
+        return _Hold(self, m, stripes, intent, wait, deadline)
 
     def _wait(self, table: Any, s: int, deadline: float | None) -> int:
         """Wait for stripe ``s`` in slices, so that Ctrl-C and ``deadline`` get in."""
@@ -807,6 +835,9 @@ class PageIO:
     ) -> None:
         """Write (``views`` None: zeros) into pages ``[p0, p1)``, whose stripes are held."""
         seg = m.seg
+        if p1 - p0 == 1:
+            self._write_page(m, off, views, total, p0)
+            return
         ws = snapshot(seg, p0, p1)
         words = seg.words[p0:p1]
         fence = total >= _FENCE_BYTES
@@ -837,9 +868,35 @@ class PageIO:
         _stripes.fence()
         words[:] = _pagemap.done(ws, _MAPPED)
 
+    def _write_page(
+        self, m: Mapping, off: int, views: Sequence[memoryview] | None, total: int, p: int
+    ) -> None:
+        """``_write_pages`` for one page, in plain integers: a first write of 4 KiB (every
+        request of a random writer into a fresh disk) is about numpy's fixed costs otherwise."""
+        seg = m.seg
+        allocate_map(seg, p, p + 1)
+        w = int(seg.wv[p])
+        fresh = w < _MAPPED
+        shift = seg.shift
+        if fresh:
+            _fallocate(seg, seg.data_offset + (p << shift), 1 << shift, "data")
+        seg.wv[p] = w | 1
+        _stripes.fence()
+        if fresh:
+            lo, hi, end = p << shift, (p + 1) << shift, off + total
+            for a, b in ((lo, off), (end, hi)):
+                if a < b:
+                    self._fill_from_below(m, p, w, a, b)
+        copy_in(m.dv, off, views, total)
+        _stripes.fence()
+        seg.wv[p] = L.word_done(w, _MAPPED)
+
     def _fill_from_below(self, m: Mapping, p: int, w: int, a: int, b: int) -> None:
         """Bytes ``[a, b)`` of page ``p`` as the page read before it was mapped."""
         part = m.dv[a:b]
+        if m.base is None:
+            zero_view(part)
+            return
         runs = sources(m, p, np.array([int(w) & ~1], dtype=np.uint32))
         src = runs[0][2]
         if src is None or src is m:
