@@ -503,3 +503,20 @@ def test_mode_is_applied(name: str) -> None:
 def test_new_name_helper_is_unique() -> None:
     """The suite's names never repeat."""
     assert len({new_name() for _ in range(1000)}) == 1000
+
+
+@pytest.mark.parametrize(
+    "attr", ["name", "sector_size", "page_size", "read_only", "owner", "closed", "frozen"]
+)
+def test_defining_attributes_are_read_only(disk: shmdisk.Disk, attr: str) -> None:
+    """What defines a handle cannot be changed by assignment (it would change every call)."""
+    before = getattr(disk, attr)
+    with pytest.raises(AttributeError):
+        setattr(disk, attr, 4096)
+    with pytest.raises(AttributeError):
+        disk.new_attribute = 1  # type: ignore[attr-defined]
+    assert getattr(disk, attr) == before
+    disk.write(0, b"a" * 512)  # and the handle still works as before
+    buf = bytearray(512)
+    disk.read(0, buf)
+    assert buf == b"a" * 512
