@@ -1170,3 +1170,20 @@ def test_import_refuses_to_write_into_another_users_disk(
         r = cli(*args)
         assert r.returncode == 1 and "belongs to user nobody" in r.stderr, (args, r.stderr)
     assert file_state(shmdisk.segment_path(name)) == before
+
+
+@needs_root
+def test_copy_of_another_users_disk_needs_its_owner_named(names: list[str]) -> None:
+    """copy() reads its source through connect: another user's disk is refused as source
+    unless that user is named, and the copy is then the caller's own disk, mode 0600."""
+    src, dst = fresh(names), fresh(names)
+    payload = b"copied".ljust(512, b"\0")
+    as_nobody(squat_disk(src, mode=0o644, payload=payload))
+    check_untrusted(error_of(lambda: shmdisk.copy(src, dst, mode=0o600)), src)
+    assert not os.path.lexists(shmdisk.segment_path(dst))
+    with shmdisk.copy(src, dst, mode=0o600, owner="nobody") as d:
+        buf = bytearray(512)
+        d.read(0, buf)
+        assert buf == payload
+    st = os.stat(shmdisk.segment_path(dst))
+    assert (st.st_uid, st.st_mode & 0o777) == (0, 0o600)
