@@ -668,10 +668,17 @@ class PageIO:
 
     def size_sectors(self) -> int:
         m = self.current()
-        hq = m.seg.hq
+        seg = m.seg
+        hq = seg.hq
         if hq[_F_GONE]:
             self.gone()
-        return int(hq[_F_SIZE])
+        size = int(hq[_F_SIZE])
+        if size * seg.sector_size > seg.max_pages * seg.page_size:
+            # A damaged header: nobody may size a buffer, an export or a scan by it.
+            raise CorruptSegmentError(
+                f"disk {self.name!r}: header says {size} sectors, beyond its page map"
+            )
+        return size
 
     # ------------------------------------------------------------ holding stripes
 
@@ -947,6 +954,7 @@ class PageIO:
         with self.holding(m, stripes_for(p0, p1), (p0, p1 - p0)):
             m = self.check(m, a, b - a, writing=True)
             if not unmap:
+                _check_room(m, p0, p1)
                 self._write_pages(m, a, None, b - a, p0, p1)
                 return
             seg = m.seg
@@ -1061,7 +1069,7 @@ class PageIO:
                     ) from e
                 hq[L.F_CAPACITY] = max(cap, hq[L.F_CAPACITY])
             hq[_F_SIZE] = n
-            hq[L.F_GENERATION] = hq[L.F_GENERATION] + 1
+            hq[L.F_GENERATION] = (hq[L.F_GENERATION] + 1) & 0xFFFF_FFFF_FFFF_FFFF  # wraps
         self.remap(m)
 
     def freeze(self) -> None:
@@ -1118,6 +1126,30 @@ class PageIO:
         seg = m.seg
         pages = -(-(self.size_sectors() * seg.sector_size) // seg.page_size)
         return _pagemap.count_mapped_fd(seg.fd, pages)
+
+
+_ROOM_CHECKED = 64 << 20  # zeroings that may need this much memory look at /dev/shm first
+
+
+def _check_room(m: Mapping, p0: int, p1: int) -> None:
+    """Refuse at once a zeroing that keeps pages ``[p0, p1)`` allocated when /dev/shm has not
+    the room: it would fill the tmpfs on its way to DiskFullError, for every disk on it, and
+    the page map it allocates is never given back. Smaller ones just try."""
+    seg = m.seg
+    shift = seg.shift
+    need = (p1 - p0) << shift
+    if need < _ROOM_CHECKED:
+        return
+    base = seg.data_offset
+    for lo, hi in _allocated(seg.fd, base + (p0 << shift), base + (p1 << shift)):
+        need -= hi - lo
+    st = os.fstatvfs(seg.fd)
+    if need > st.f_bavail * st.f_frsize:
+        raise DiskFullError(
+            errno.ENOSPC,
+            f"disk {seg.name!r}: zeroing {need} bytes that must stay allocated needs more than "
+            f"the {st.f_bavail * st.f_frsize} bytes free in /dev/shm; nothing was written",
+        )
 
 
 def _base_has(m: Mapping, p: int) -> bool:

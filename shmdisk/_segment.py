@@ -264,11 +264,25 @@ def publish(made: Made, name: str) -> None:
             follow_symlinks=True,
         )
     except FileExistsError as e:
-        raise DiskExistsError(e.errno, f"disk {name!r} exists already", made.path) from e
+        raise DiskExistsError(
+            e.errno, f"disk {name!r} exists already{_whose(made.path)}", made.path
+        ) from e
     except OSError as e:
         raise os_error(e, name, "naming the new segment") from e
     finally:
         os.close(dfd)
+
+
+def _whose(path: str) -> str:
+    """What to add to "exists already" when the entry at ``path`` is another user's: create
+    never touches it, but the caller should know that connect will refuse it too."""
+    try:
+        uid = os.lstat(path).st_uid
+    except OSError:
+        return ""
+    if uid in (os.geteuid(), 0):
+        return ""
+    return f" and belongs to user {user_name(uid)} (uid {uid}), not to you or root"
 
 
 # ---------------------------------------------------------------- opening
@@ -418,6 +432,15 @@ def destroy_segment(
             # of ours has nothing to lock: take the name away.
             _unlink_if_same(name, fst)
             return
+        if not _may_unlink(fst):
+            # Marking first and then failing to unlink would destroy the disk for every
+            # handle while reporting failure: write access to a segment (mode 0666) is no
+            # right to remove it, just as for any file in a sticky directory.
+            raise PermissionDeniedError(
+                errno.EPERM,
+                f"disk {name!r}: only its owner ({user_name(fst.st_uid)}) or root may destroy it",
+                path,
+            )
         if header.frozen and not force:
             users = overlays_of(name, header)
             if users:
@@ -432,6 +455,22 @@ def destroy_segment(
         _destroy_locked(name, fd, fst, header, timeout)
     finally:
         os.close(fd)
+
+
+def _may_unlink(st: os.stat_result) -> bool:
+    """Whether this process may remove the name of the file ``st`` describes from SHM_DIR:
+    write access to the directory, and where it is sticky (as /dev/shm is), being the file's
+    owner, the directory's owner or root."""
+    euid = os.geteuid()
+    if euid == 0:
+        return True
+    try:
+        d = os.stat(SHM_DIR)
+    except OSError:
+        return False
+    if not os.access(SHM_DIR, os.W_OK | os.X_OK, effective_ids=True):
+        return False
+    return not d.st_mode & stat.S_ISVTX or euid in (st.st_uid, d.st_uid)
 
 
 def _destroy_locked(

@@ -8,6 +8,7 @@ protocol) over the segment's mapping (``_mapping.py``; byte format: ``_layout.py
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 import os
 import time
@@ -15,7 +16,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple, TypeVar
 
 from . import _layout as L
 from . import _pageio, _segment
@@ -30,6 +31,7 @@ from .errors import (
     IsReadOnlyError,
     NotFrozenError,
     OutOfRangeError,
+    ShmdiskError,
     UnknownError,
 )
 
@@ -141,13 +143,12 @@ def _flat_bytes(b: object, writable: bool) -> bool:
     t = type(b)
     if t is bytearray or (t is bytes and not writable):
         return True
-    return (
-        isinstance(b, memoryview)
-        and b.format == "B"
-        and b.ndim == 1
-        and b.c_contiguous
-        and not (writable and b.readonly)
-    )
+    if not isinstance(b, memoryview):
+        return False
+    try:
+        return b.format == "B" and b.ndim == 1 and b.c_contiguous and not (writable and b.readonly)
+    except ValueError:  # released: _byte_view says so, as a BadBufferError
+        return False
 
 
 # Every live handle, so a forked child can let go of what it inherited mid-call.
@@ -517,7 +518,10 @@ def _attach(
     base = None
     if h.is_overlay:
         base = _attach_base(name, h, owner_uid, depth + 1)
-    cap = seg.hq[L.F_CAPACITY]
+    # The capacity open_segment checked against the file's size, not the header's word now:
+    # that may have changed since, and mapping past the end of the file is SIGBUS on first
+    # touch. A disk grown meanwhile is remapped by the first request that needs it.
+    cap = h.capacity
     try:
         return Mapping(seg, cap, base, -(-(h.base_size_sectors * h.sector_size) // h.page_size))
     except OSError as e:
@@ -555,7 +559,29 @@ def _handle(name: str, made: _segment.Made, read_only: bool, owner_uid: int | No
 
 # ---------------------------------------------------------------- the module functions
 
+_F = TypeVar("_F", bound=Callable[..., Any])
 
+
+def _system_errors(doing: str) -> Callable[[_F], _F]:
+    """Make any ``OSError`` that is not already one of ours (no descriptor left for a ``dup``
+    or an ``mmap``: EMFILE) a typed error of disk ``name`` (the first argument)."""
+
+    def wrap(fn: _F) -> _F:
+        @functools.wraps(fn)
+        def typed(name: Any, *args: Any, **kw: Any) -> Any:
+            try:
+                return fn(name, *args, **kw)
+            except ShmdiskError:
+                raise
+            except OSError as e:
+                raise _segment.os_error(e, str(name), doing) from e
+
+        return typed  # type: ignore[return-value]
+
+    return wrap
+
+
+@_system_errors("creating")
 def create(
     name: str,
     size_sectors: int | None = None,
@@ -630,6 +656,7 @@ def _base_for(
     return h, size, h.sector_size
 
 
+@_system_errors("connecting")
 def connect(
     name: str,
     *,
@@ -661,6 +688,7 @@ def connect(
         new.disconnect()  # made read-write (it had to be initialised); now as asked
 
 
+@_system_errors("destroying")
 def destroy(
     name: str,
     *,

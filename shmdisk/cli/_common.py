@@ -84,14 +84,16 @@ def disk_exists(name: str) -> bool:
     return os.path.lexists(shmdisk.segment_path(name))
 
 
-def open_disk(name: str, *, read_only: bool) -> shmdisk.Disk:
+def open_disk(name: str, *, read_only: bool, owner: str | None = None) -> shmdisk.Disk:
     """Connect to an existing disk; never create one as a side effect of looking at it.
 
+    ``owner`` (``--owner USER``) names another user whose disk this one expects to use; without
+    it only the caller's and root's disks are used (``UntrustedOwnerError`` otherwise).
     The library's own messages for a missing or unusable disk speak of its Python API; here
     they become the command line's (``shmdisk destroy NAME`` removes a broken segment).
     """
     try:
-        return shmdisk.connect(name, read_only=read_only, create=False)
+        return shmdisk.connect(name, read_only=read_only, create=False, owner=owner)
     except shmdisk.DiskNotFoundError:
         raise CliError(f"no such disk: {name}") from None
     except shmdisk.CorruptSegmentError as exc:
@@ -111,9 +113,9 @@ def _unusable(name: str, exc: shmdisk.CorruptSegmentError) -> Exception:
 
 
 @contextlib.contextmanager
-def connect(name: str, *, read_only: bool) -> Iterator[shmdisk.Disk]:
+def connect(name: str, *, read_only: bool, owner: str | None = None) -> Iterator[shmdisk.Disk]:
     """``open_disk`` for the length of a ``with`` block."""
-    disk = open_disk(name, read_only=read_only)
+    disk = open_disk(name, read_only=read_only, owner=owner)
     try:
         yield disk
     finally:
@@ -177,6 +179,22 @@ def subcommand(
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     return parser
+
+
+def add_owner_argument(p: argparse.ArgumentParser, help_text: str | None = None) -> None:
+    """``--owner USER``, for the commands that connect to a disk someone else may own.
+
+    A disk is used only if it belongs to the caller or to root: another user's segment at the
+    name could be a squatter waiting to read what we write, or to truncate it under us. Naming
+    the user says that this disk is expected and that user is trusted (``owner=`` in Python).
+    """
+    p.add_argument(
+        "--owner",
+        metavar="USER",
+        help=help_text
+        or "use the disk although it belongs to USER (a name or uid), not to you or root:"
+        " only for a user you trust, who can change or break it under you",
+    )
 
 
 def positive_int(text: str) -> int:

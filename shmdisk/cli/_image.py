@@ -19,6 +19,7 @@ from shmdisk._units import format_bytes, format_bytes_long
 
 from ._common import (
     CliError,
+    add_owner_argument,
     connect,
     disk_exists,
     open_disk,
@@ -196,7 +197,7 @@ def _import(args: argparse.Namespace) -> int:
         if exists:
             if not os.access(shmdisk.segment_path(name), os.W_OK):
                 raise CliError(f"disk {name} is read-only for this user; nothing written")
-            disk = open_disk(name, read_only=False)
+            disk = open_disk(name, read_only=False, owner=args.owner)
             if not disk.get_info().read_write:
                 raise CliError(f"disk {name} is read-only; nothing written")
             sector_size = disk.sector_size
@@ -326,7 +327,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     label = "stdout" if path == "-" else path
     # Status lines must not mix with an image written to stdout.
     status = sys.stderr if path == "-" else sys.stdout
-    with connect(name, read_only=True) as disk:
+    with connect(name, read_only=True, owner=args.owner) as disk:
         info = disk.get_info()
         size = info.size_sectors * info.sector_size
         extents = [(x.sector, x.n_sectors) for x in disk.extents() if x.mapped]
@@ -525,6 +526,7 @@ def register(sub: Any) -> None:
         help="accept an image that ends mid-sector: its last sector is filled with zeros",
     )
     _add_progress(p)
+    add_owner_argument(p)
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     p.add_argument("--json", action="store_true", help="print a summary as JSON")
     p.set_defaults(func=cmd_import)
@@ -550,6 +552,7 @@ def register(sub: Any) -> None:
         help="overwrite FILE if it exists (following a symlink there)",
     )
     _add_progress(p)
+    add_owner_argument(p)
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     p.add_argument("--json", action="store_true", help="print a summary as JSON")
     p.set_defaults(func=cmd_export)

@@ -11,6 +11,7 @@ from shmdisk._units import format_bytes_long, parse_size
 
 from ._common import (
     CliError,
+    add_owner_argument,
     connect,
     describe,
     disk_exists,
@@ -58,7 +59,7 @@ def cmd_destroy(args: argparse.Namespace) -> int:
                     error(args.prog, f"no such disk: {name}")
                     failed = True
                 continue
-            shmdisk.destroy(name)
+            shmdisk.destroy(name, owner=args.owner)
         except (shmdisk.ShmdiskError, OSError) as exc:
             error(args.prog, f"{name}: {describe(exc)}")
             failed = True
@@ -69,7 +70,7 @@ def cmd_destroy(args: argparse.Namespace) -> int:
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
-    with connect(args.name, read_only=False) as disk:
+    with connect(args.name, read_only=False, owner=args.owner) as disk:
         before = disk.get_info()
         text = args.size
         sign = text[:1] if text[:1] in "+-" else ""
@@ -161,6 +162,11 @@ def register(sub: Any) -> None:
     p.add_argument("names", nargs="+", metavar="NAME")
     p.add_argument("-f", "--force", action="store_true", help="a missing disk is not an error")
     p.add_argument("-v", "--verbose", action="store_true", help="print each disk removed")
+    add_owner_argument(
+        p,
+        "destroy USER's disk as your own: wait for its I/O in flight and disconnect its"
+        " handles (another user's segment is otherwise only unlinked, where you may)",
+    )
     p.set_defaults(func=cmd_destroy)
 
     p = subcommand(
@@ -175,6 +181,7 @@ def register(sub: Any) -> None:
     p.add_argument("name", metavar="NAME")
     p.add_argument("size", metavar="[+|-]SIZE")
     p.add_argument("--shrink", action="store_true", help="allow the disk to get smaller")
+    add_owner_argument(p)
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     p.add_argument("--json", action="store_true", help="print the old and new size as JSON")
     p.set_defaults(func=cmd_resize)

@@ -9,11 +9,19 @@ from typing import Any
 from shmdisk._render import GLYPHS_ASCII, GLYPHS_UNICODE, render_map
 from shmdisk._units import format_bytes, format_bytes_long
 
-from ._common import can_draw_unicode, connect, positive_int, print_json, subcommand, table
+from ._common import (
+    add_owner_argument,
+    can_draw_unicode,
+    connect,
+    positive_int,
+    print_json,
+    subcommand,
+    table,
+)
 
 
 def cmd_map(args: argparse.Namespace) -> int:
-    with connect(args.name, read_only=True) as disk:
+    with connect(args.name, read_only=True, owner=args.owner) as disk:
         info = disk.get_info()
         extents = [(x.sector, x.n_sectors, x.mapped) for x in disk.extents()]
         page_size = disk.page_size
@@ -89,5 +97,6 @@ def register(sub: Any) -> None:
         help="extents listed in the table (default: 32)",
     )
     p.add_argument("-a", "--all", action="store_true", help="list every extent")
+    add_owner_argument(p)
     p.add_argument("--json", action="store_true", help="print the extents as JSON")
     p.set_defaults(func=cmd_map)

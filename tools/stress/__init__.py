@@ -37,7 +37,9 @@ Scenarios (see RELIABILITY.md for what each one proves and the figures of a real
   DiskFullError; nothing partly written, old data intact, discard gives the space back.
 - hostile: hypothesis-driven calls with bad arguments against a model, and forged segments
   (bad headers) connected in a child process, so a SIGBUS shows as a failure.
-- permissions: a disk made with the default mode is refused to another uid.
+- permissions: another uid gets what each mode grants (0600 to 0666), never the right to
+  destroy, and never stalls the owner by reading; another user's disk is used only with
+  ``owner=``.
 
 Run it from a checkout as ``python3 tools/stress ...`` (the directory runs as a program), or as
 ``python3 -m stress ...`` with ``tools/`` on the path (pytest puts it there, see pyproject.toml).

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         "  resize-destroy  resize and destroy/re-create under I/O; no signal deaths\n"
         "  enospc          fill a private small tmpfs over /dev/shm (root, unshare -m)\n"
         "  hostile         bad arguments vs a model; forged segment headers (child process)\n"
-        "  permissions     a 0600 disk refuses uid 65534 (root)\n"
+        "  permissions     uid 65534 vs root's 0600..0666 disks; owner trust (root)\n"
         "  all             every scenario in turn\n\n"
         "example: python3 tools/stress torture --duration 60 --processes 4",
     )
