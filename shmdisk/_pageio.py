@@ -244,13 +244,16 @@ def _flat(b: Any, writable: bool) -> bool:
     t = type(b)
     if t is bytearray or (t is bytes and not writable):
         return True
-    return (
-        t is memoryview
-        and b.format == "B"
-        and b.ndim == 1
-        and b.c_contiguous
-        and not (writable and b.readonly)
-    )
+    try:
+        return (
+            t is memoryview
+            and b.format == "B"
+            and b.ndim == 1
+            and b.c_contiguous
+            and not (writable and b.readonly)
+        )
+    except ValueError:  # a released memoryview: the general path says so
+        return False
 
 
 def _slow(off: int, buf: Any) -> int:
