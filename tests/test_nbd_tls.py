@@ -21,9 +21,9 @@ from test_nbd_clients import SERVE_CMD, TIMEOUT, Serve, need, ok, run
 from test_nbd_protocol import Client, info_export
 
 import shmdisk
-from shmdisk.nbd import NBDServer
+from shmdisk.nbd import NBDServer, TLSConfigError
 from shmdisk.nbd import _proto as P
-from shmdisk.nbd._tls import TLSConfigError, parse_psk_file, psk_supported
+from shmdisk.nbd._tls import parse_psk_file, psk_supported
 
 MiB = 1 << 20
 

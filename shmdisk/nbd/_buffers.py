@@ -30,9 +30,10 @@ DATA_AT = 256
 # buffer's memory; bigger ones fault it in again each time, which costs about what copying it
 # does, so only rare giant requests pay it.
 KEEP = 4 << 20
-# A pool whose buffers were filled past this has memory worth giving back when idle; below it,
-# (4 KiB requests, say) the connection never even checks for idleness.
-HOLDING = 64 << 10
+# A pool with a free buffer filled past this has memory worth giving back when idle. Below it
+# (nbdcopy's 256 KiB requests, fio's 4 KiB) the connection does not even check for idleness,
+# which costs a poll() each time it waits for its client.
+HOLDING = 1 << 20
 # How long a client must stay quiet before its connection gives back all its buffer memory.
 IDLE_RELEASE = 1.0
 
