@@ -340,6 +340,7 @@ def test_serve_command_read_only_over_tcp(two_disks: list[shmdisk.Disk]) -> None
         assert run("qemu-io", "-f", "raw", "-c", "write -P 1 0 512", uri).returncode != 0
     finally:
         assert serve.stop() == 0
+    assert "warning: serving plain TCP" in serve.log and "any local user can read the" in serve.log
     got = bytearray(512)
     a.read(0, got)
     assert got == b"R" * 512

@@ -104,7 +104,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--bind",
         metavar="HOST:PORT",
         type=parse_bind,
-        help=f"listen on TCP (default {DEFAULT_HOST}:{DEFAULT_PORT}, loopback only)",
+        help=f"listen on TCP, with TLS unless --tls off (default {DEFAULT_HOST}:{DEFAULT_PORT})",
     )
     p.add_argument(
         "--socket-mode",

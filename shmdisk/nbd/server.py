@@ -198,7 +198,7 @@ class NBDServer:
             for listener, mode in zip(self._listeners, modes, strict=True):
                 self._tls_settings[id(listener)] = TLSSetting(mode, credentials)
                 if listener.is_tcp and mode != "require":
-                    log.warning("%s", _plain_tcp_warning(listener, mode))
+                    log.warning("%s", _plain_tcp_warning(listener, mode, self.read_only))
             self._acceptor = Acceptor(self._listeners, self._on_connect, self.max_connections)
             self._acceptor.start()
         except BaseException:
@@ -370,7 +370,7 @@ class NBDServer:
             time.sleep(0.01)
 
 
-def _plain_tcp_warning(listener: Listener, mode: str) -> str:
+def _plain_tcp_warning(listener: Listener, mode: str, read_only: bool) -> str:
     host = str(listener.sock.getsockname()[0])
     try:
         loopback = ipaddress.ip_address(host.partition("%")[0]).is_loopback
@@ -378,10 +378,11 @@ def _plain_tcp_warning(listener: Listener, mode: str) -> str:
         loopback = False
     who = "any local user" if loopback else "any local user and any host that can reach it"
     how = "plain TCP" if mode == "off" else "plain TCP to clients that do not ask for TLS"
+    what = "read" if read_only else "read and write"
     return (
-        f"serving {how} on {listener.describe()} (--tls {mode}): {who} can read and write "
-        "the exports, unauthenticated and unencrypted; use --tls require with "
-        "--tls-certificates, or a Unix socket, to restrict them"
+        f"serving {how} on {listener.describe()} (--tls {mode}): {who} can {what} the "
+        "exports, unauthenticated and unencrypted; use --tls require with --tls-certificates, "
+        "or a Unix socket, to restrict them"
     )
 
 
