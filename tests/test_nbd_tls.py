@@ -502,6 +502,25 @@ def test_clients_that_drop_without_a_tls_close_do_not_disturb_the_server(
     assert caplog.text.count("closed (") >= 3
 
 
+def test_stop_ends_tls_connections_promptly(pki: PKI, disk: shmdisk.Disk) -> None:
+    """stop() with a client in a TLS session: its request is answered, the client sees the
+    end, and stop returns at once rather than after its timeout."""
+    srv = NBDServer([disk], host="127.0.0.1", port=0, tls_certificates=pki.server).start()
+    c = tcp_client(srv)
+    try:
+        c.greet()
+        starttls(c, client_context(pki))
+        c.go(disk.name)
+        assert c.write(0, b"S" * 512) == 0
+        start = time.monotonic()
+        srv.stop()
+        assert time.monotonic() - start < 5.0
+        assert c.closed_by_server()
+    finally:
+        c.close()
+        srv.stop()
+
+
 def test_starttls_is_policy_refused_when_tls_is_off(pki: PKI, disk: shmdisk.Disk) -> None:
     """tls="off" with certificates at hand: STARTTLS is ERR_POLICY, plain talk goes on."""
     d = tempfile.mkdtemp(prefix="nbdto", dir="/tmp")

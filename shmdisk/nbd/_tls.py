@@ -120,6 +120,11 @@ def _base_context() -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     # A client that renegotiates can make the server redo handshakes at will; NBD never needs it.
     ctx.options |= ssl.OP_NO_RENEGOTIATION
+    # An end of the stream without close_notify is just the end: NBD messages carry their own
+    # lengths, so a cut is seen as a cut message, never taken for a whole one. Without this,
+    # OpenSSL 3 answers such an end (also the server's own shutdown of its receiving side when
+    # it stops) with a decode_error alert instead of closing cleanly.
+    ctx.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
     # No session tickets: clients do not resume NBD sessions, and without them nothing is sent
     # after the handshake that the client did not ask for.
     ctx.num_tickets = 0
