@@ -1,6 +1,6 @@
 """``shmdisk serve`` against ``nbdkit memory``, same run: fio's nbd engine and nbdcopy.
 
-    python benchmarks/bench_nbd.py [--size 1G] [--rounds 3]
+    python benchmarks/bench_nbd.py [--size 1G] [--rounds 3] [--tls]
 
 Both servers listen on a Unix socket and hold an empty disk of ``--size`` bytes, started fresh
 for every write workload (so writes land on pages never written before: the first-write cost
@@ -12,7 +12,11 @@ within each round so that noise from other work on the machine hits both alike. 
 gives the median over the rounds and the ratio shmdisk / nbdkit of the medians (higher is
 better for shmdisk), next to the target set for it.
 
-Needs fio (with its nbd engine), nbdcopy (libnbd-bin) and nbdkit on PATH.
+With ``--tls`` both servers require TLS on their socket (``nbds+unix://`` URIs, certificates
+made for the run with certtool), and only the nbdcopy workloads run (fio's nbd engine refuses
+a URI's certificate directory): what encryption costs each server.
+
+Needs fio (with its nbd engine), nbdcopy (libnbd-bin) and nbdkit on PATH; certtool for --tls.
 """
 
 from __future__ import annotations
@@ -94,16 +98,61 @@ def accepts(path: str) -> bool:
     return False
 
 
+# With --tls: the directories of the server's and the client's certificates.
+TLS: dict[str, str] = {}
+
+
+def make_certificates(d: str) -> dict[str, str]:
+    """A CA, a server certificate and a client certificate, laid out for nbdkit, shmdisk serve
+    (server/) and libnbd (client/)."""
+
+    def certtool(*args: str) -> None:
+        subprocess.run(["certtool", *args], cwd=d, check=True, capture_output=True)
+
+    infos = {
+        "ca": "cn = bench CA\nca\ncert_signing_key\n",
+        "server": "cn = localhost\ndns_name = localhost\ntls_www_server\nencryption_key\n"
+        "signing_key\n",
+        "client": "cn = bench\ntls_www_client\nencryption_key\nsigning_key\n",
+    }
+    for who, text in infos.items():
+        with open(os.path.join(d, f"{who}.info"), "w") as f:
+            f.write(text)
+        certtool("--generate-privkey", "--key-type=ecdsa", "--outfile", f"{who}-key.pem")
+    certtool("--generate-self-signed", "--load-privkey", "ca-key.pem", "--template", "ca.info",
+             "--outfile", "ca-cert.pem")  # fmt: skip
+    for who in ("server", "client"):
+        certtool("--generate-certificate", "--load-ca-certificate", "ca-cert.pem",
+                 "--load-ca-privkey", "ca-key.pem", "--load-privkey", f"{who}-key.pem",
+                 "--template", f"{who}.info", "--outfile", f"{who}-cert.pem")  # fmt: skip
+    dirs = {}
+    for who in ("server", "client"):
+        dirs[who] = os.path.join(d, who)
+        os.mkdir(dirs[who])
+        for f in ("ca-cert.pem", f"{who}-cert.pem", f"{who}-key.pem"):
+            shutil.copy(os.path.join(d, f), dirs[who])
+    return dirs
+
+
+def tls_uri(uri: str) -> str:
+    """``uri`` as the TLS client of a --tls run connects."""
+    if not TLS:
+        return uri
+    return uri.replace("nbd+unix://", "nbds+unix://") + f"&tls-certificates={TLS['client']}"
+
+
 @contextlib.contextmanager
 def shmdisk_server(size: int, sock: str) -> Iterator[str]:
     name = f"bench-nbd-{os.getpid()}-{secrets.token_hex(4)}"
     shmdisk.create(name, size // 512).disconnect()
     try:
         cmd = [sys.executable, "-m", "shmdisk", "serve", name, "--socket", sock, "--quiet"]
+        if TLS:
+            cmd += ["--tls", "require", "--tls-certificates", TLS["server"]]
         proc = subprocess.Popen(cmd)
         try:
             wait_until(lambda: accepts(sock), proc, 30.0)
-            yield f"nbd+unix:///{name}?socket={sock}"
+            yield tls_uri(f"nbd+unix:///{name}?socket={sock}")
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -115,10 +164,12 @@ def shmdisk_server(size: int, sock: str) -> Iterator[str]:
 def nbdkit_server(size: int, sock: str) -> Iterator[str]:
     # nbdkit writes its pid file once it listens; a probe connection would make it log errors.
     pidfile = sock + ".pid"
-    proc = subprocess.Popen(["nbdkit", "-f", "-P", pidfile, "-U", sock, "memory", str(size)])
+    tls = ["--tls=require", f"--tls-certificates={TLS['server']}"] if TLS else []
+    cmd = ["nbdkit", "-f", "-P", pidfile, "-U", sock, *tls, "memory", str(size)]
+    proc = subprocess.Popen(cmd)
     try:
         wait_until(lambda: os.path.exists(pidfile) and os.path.getsize(pidfile) > 0, proc, 30.0)
-        yield f"nbd+unix:///?socket={sock}"
+        yield tls_uri(f"nbd+unix:///?socket={sock}")
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -157,16 +208,22 @@ def run_nbdcopy(args: list[str], size: int) -> float:
     return size / (time.perf_counter() - start)
 
 
+def workloads() -> list[Workload]:
+    """The workloads of this run: with --tls only nbdcopy's, as fio's nbd engine does not let
+    libnbd read the certificate directory a URI names (tls-certificates)."""
+    return [w for w in WORKLOADS if not TLS or w.kind != "fio"]
+
+
 def one_round(server: str, size: int, src: str, sock: str) -> dict[str, float]:
     """Every workload once against ``server``; {label: figure}."""
     start = SERVERS[server]
     out: dict[str, float] = {}
-    for w in WORKLOADS:
+    for w in workloads():
         if w.fresh:
             with start(size, sock) as uri:
                 out[w.label] = run_fio(w, uri, size)
     with start(size, sock) as uri:
-        for w in WORKLOADS:
+        for w in workloads():
             if w.kind == "nbdcopy-in":
                 out[w.label] = run_nbdcopy([src, uri], size)
             elif w.kind == "nbdcopy-out":
@@ -186,8 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="1G", type=parse_size, help="disk size (default 1G)")
     parser.add_argument("--rounds", default=3, type=int, help="rounds per server (default 3)")
+    parser.add_argument("--tls", action="store_true", help="both servers require TLS")
     args = parser.parse_args(argv)
-    missing = [t for t in ("fio", "nbdcopy", "nbdkit") if shutil.which(t) is None]
+    tools = ("fio", "nbdcopy", "nbdkit") + (("certtool",) if args.tls else ())
+    missing = [t for t in tools if shutil.which(t) is None]
     if missing:
         print(f"bench_nbd: needs {', '.join(missing)} on PATH", file=sys.stderr)
         return 2
@@ -202,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         src.write(os.urandom(size % MiB))
         src.flush()
         sock = os.path.join(tmp, "nbd.sock")
+        if args.tls:
+            TLS.update(make_certificates(tmp))
         for r in range(args.rounds):
             # Alternate which server goes first, so neither always follows the other's cleanup.
             order = list(SERVERS) if r % 2 == 0 else list(reversed(SERVERS))
@@ -211,13 +272,13 @@ def main(argv: list[str] | None = None) -> int:
 
     ours, theirs = (results[s] for s in SERVERS)
     print(
-        f"NBD over a Unix socket, {size / (1 << 30):g} GiB disk, median of {args.rounds} "
-        "rounds (fio nbd engine, nbdcopy defaults)"
+        f"NBD over a Unix socket{' with TLS' if args.tls else ''}, {size / (1 << 30):g} GiB "
+        f"disk, median of {args.rounds} rounds (fio nbd engine, nbdcopy defaults)"
     )
     print(
         f"{'workload':<34} {'shmdisk serve':>15} {'nbdkit memory':>15} {'ratio':>7} {'target':>7}"
     )
-    for w in WORKLOADS:
+    for w in workloads():
         a, b = statistics.median(ours[w.label]), statistics.median(theirs[w.label])
         ratio = a / b
         if w.target is None:

@@ -83,7 +83,8 @@ def test_a_systemd_style_socket_is_served_and_left_to_its_owner(
         listener.bind(("127.0.0.1", 0))
         uri = f"nbd://127.0.0.1:{listener.getsockname()[1]}/{disk.name}"
     listener.listen()
-    serve = Serve(disk.name, "-v", activate=listener)
+    plain_tcp = ("--tls", "off") if kind == "tcp" else ()
+    serve = Serve(disk.name, "-v", *plain_tcp, activate=listener)
     try:
         serve.wait_for("serving")
         info = json.loads(ok("nbdinfo", "--json", uri))
@@ -97,6 +98,8 @@ def test_a_systemd_style_socket_is_served_and_left_to_its_owner(
     assert re.search(r"conn 1 \(.*activated socket\): connected", serve.log), serve.log
     if kind == "unix":
         assert os.path.exists(path)
+    else:
+        assert "warning: serving plain TCP" in serve.log
 
 
 def test_activation_with_a_connected_socket_is_a_clear_error(disk: shmdisk.Disk) -> None:
@@ -180,7 +183,7 @@ def test_activated_sockets_follow_the_same_access_policy(disk: shmdisk.Disk) -> 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
-    with NBDServer([disk], sockets=[listener], access=policy) as srv:
+    with NBDServer([disk], sockets=[listener], access=policy, tls="off") as srv:
         assert srv.describe_address() == f"127.0.0.1:{listener.getsockname()[1]}"
         s = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)
         c = Client.__new__(Client)

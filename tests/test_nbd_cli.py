@@ -47,6 +47,47 @@ def test_register_adds_serve_with_its_options() -> None:
     assert parse("a", "--bind", "[::1]:0").bind == ("::1", 0)
 
 
+def test_access_and_tls_options_parse() -> None:
+    """--socket-mode (octal), --tls MODE, certificates, PSK, --max-connections, --owner."""
+    args = parse(
+        "a", "--socket", "/tmp/x", "--socket-mode", "660", "--tls", "require",
+        "--tls-certificates", "/etc/pki/x", "--tls-verify-peer", "--max-connections", "8",
+        "--owner", "alice",
+    )  # fmt: skip
+    assert args.socket_mode == 0o660 and args.tls == "require"
+    assert args.tls_certificates == "/etc/pki/x" and args.tls_verify_peer
+    assert args.max_connections == 8 and args.owner == "alice"
+    defaults = parse("a")
+    assert defaults.tls is None and defaults.socket_mode is None
+    assert defaults.max_connections == 64 and not defaults.tls_verify_peer
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("--socket-mode", "0999"),
+        ("--socket-mode", "1777"),
+        ("--tls", "maybe"),
+        ("--max-connections", "0"),
+        ("--max-connections", "many"),
+    ],
+)
+def test_bad_access_and_tls_options_are_usage_errors(
+    argv: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Modes that are not octal or too wide, unknown TLS modes, limits below 1: exit 2."""
+    with pytest.raises(SystemExit) as exc:
+        parse("a", "--socket", "/tmp/x", *argv)
+    assert exc.value.code == 2
+    capsys.readouterr()
+
+
+def test_socket_mode_without_socket_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """--socket-mode with --bind has no file to apply to: refused rather than ignored."""
+    assert cli.serve_command(parse("a", "--bind", ":0", "--socket-mode", "0660")) == 1
+    assert "--socket-mode applies to the file of --socket" in capsys.readouterr().err
+
+
 def test_socket_and_bind_are_exclusive(capsys: pytest.CaptureFixture[str]) -> None:
     """One listening address at a time."""
     with pytest.raises(SystemExit) as exc:

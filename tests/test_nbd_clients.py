@@ -24,6 +24,7 @@ from shmdisk.nbd import NBDServer
 
 TIMEOUT = 30.0
 MiB = 1 << 20
+SERVE_CMD = (sys.executable, "-m", "shmdisk", "serve")
 
 
 def need(*tools: str) -> pytest.MarkDecorator:
@@ -323,10 +324,11 @@ def test_serve_command_several_exports_and_clean_stop(
 
 @need("nbdinfo", "qemu-io")
 def test_serve_command_read_only_over_tcp(two_disks: list[shmdisk.Disk]) -> None:
-    """`--read-only --bind 127.0.0.1:0`: a TCP export that reads but refuses writes."""
+    """`--read-only --bind 127.0.0.1:0 --tls off`: a plain TCP export that reads but refuses
+    writes."""
     a = two_disks[0]
     a.write_at(0, b"R" * 512)
-    serve = Serve(a.name, "--read-only", "--bind", "127.0.0.1:0")
+    serve = Serve(a.name, "--read-only", "--bind", "127.0.0.1:0", "--tls", "off")
     try:
         port = int(serve.wait_for(r"on 127\.0\.0\.1:(\d+)").group(1))
         uri = f"nbd://127.0.0.1:{port}/{a.name}"
@@ -338,6 +340,7 @@ def test_serve_command_read_only_over_tcp(two_disks: list[shmdisk.Disk]) -> None
         assert run("qemu-io", "-f", "raw", "-c", "write -P 1 0 512", uri).returncode != 0
     finally:
         assert serve.stop() == 0
+    assert "warning: serving plain TCP" in serve.log and "any local user can read the" in serve.log
     got = bytearray(512)
     a.read(0, got)
     assert got == b"R" * 512
@@ -400,7 +403,7 @@ def test_serve_bind_error_names_the_address(two_disks: list[shmdisk.Disk]) -> No
         taken.listen()
         port = taken.getsockname()[1]
         done = subprocess.run(
-            [sys.executable, "-m", "shmdisk", "serve", name, "--bind", f"127.0.0.1:{port}"],
+            [*SERVE_CMD, name, "--bind", f"127.0.0.1:{port}", "--tls", "off"],
             capture_output=True,
             text=True,
             timeout=TIMEOUT,

@@ -220,7 +220,8 @@ def client(server: NBDServer) -> Iterator[Client]:
 
 
 def test_list_and_unknown_options(server: NBDServer, disks: list[shmdisk.Disk]) -> None:
-    """LIST names every export in order; unknown options get ERR_UNSUP and talk goes on."""
+    """LIST names every export in order; unknown options get ERR_UNSUP, STARTTLS on a server
+    without TLS ERR_POLICY, and talk goes on."""
     c = Client(str(server.address))
     try:
         flags = c.greet()
@@ -232,9 +233,11 @@ def test_list_and_unknown_options(server: NBDServer, disks: list[shmdisk.Disk]) 
         assert replies[-1][0] == P.REP_ACK
         c.option(P.OPT_LIST, b"x")
         assert c.reply(P.OPT_LIST)[0] == P.REP_ERR_INVALID
-        for unknown in (4, 5, 99, 0xFFFF):
+        for unknown in (4, 99, 0xFFFF):
             c.option(unknown, b"some payload")
             assert c.reply(unknown)[0] == P.REP_ERR_UNSUP
+        c.option(P.OPT_STARTTLS)
+        assert c.reply(P.OPT_STARTTLS)[0] == P.REP_ERR_POLICY
         replies = c.go(disks[1].name)
         assert replies[-1][0] == P.REP_ACK
         assert info_export(replies)[0] == 16 * 4096
@@ -642,9 +645,10 @@ def test_stale_socket_is_replaced_but_a_live_one_is_not(
     assert not os.path.exists(path)
 
 
-def test_tcp_loopback(disks: list[shmdisk.Disk]) -> None:
-    """TCP on 127.0.0.1 with an ephemeral port serves the same protocol."""
-    with NBDServer(disks, host="127.0.0.1", port=0) as srv:
+def test_tcp_loopback(disks: list[shmdisk.Disk], caplog: pytest.LogCaptureFixture) -> None:
+    """Plain TCP on 127.0.0.1 (tls="off", with a warning) serves the same protocol."""
+    with NBDServer(disks, host="127.0.0.1", port=0, tls="off") as srv:
+        assert "plain TCP" in caplog.text and "any local user can" in caplog.text
         address = srv.address
         assert isinstance(address, tuple)
         host, port = address
@@ -1087,7 +1091,7 @@ def test_tcp_peer_has_an_address_and_no_credentials(disks: list[shmdisk.Disk]) -
         seen.append(peer)
         return Access.READ_WRITE
 
-    with NBDServer(disks, host="127.0.0.1", port=0, access=policy) as srv:
+    with NBDServer(disks, host="127.0.0.1", port=0, access=policy, tls="off") as srv:
         address = srv.address
         assert isinstance(address, tuple)
         s = socket.create_connection(address, timeout=TIMEOUT)

@@ -6,9 +6,11 @@ where touched. A read is filled right behind its reply header and leaves in one 
 payload is received straight into one and handed to the disk.
 
 Memory stays bounded: a connection holds one buffer for the request it is serving, plus one
-per request waiting on a worker (at most ``MAX_IN_FLIGHT``), and a buffer given back after a
-request larger than :data:`KEEP` returns the memory past ``KEEP`` to the system, so an idle
-connection keeps at most ``KEEP`` per buffer.
+per request waiting on a worker (at most ``MAX_IN_FLIGHT``); a buffer given back after a
+request larger than :data:`KEEP` returns the memory past ``KEEP`` to the system at once, and a
+connection whose client has been quiet for :data:`IDLE_RELEASE` seconds gives back all of it
+(:meth:`BufferPool.release_idle`), so idle connections cost no buffer memory however large
+their last requests were.
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ DATA_AT = 256
 # buffer's memory; bigger ones fault it in again each time, which costs about what copying it
 # does, so only rare giant requests pay it.
 KEEP = 4 << 20
+# A pool with a free buffer filled past this has memory worth giving back when idle. Below it
+# (nbdcopy's 256 KiB requests, fio's 4 KiB) the connection does not even check for idleness,
+# which costs a poll() each time it waits for its client.
+HOLDING = 1 << 20
+# How long a client must stay quiet before its connection gives back all its buffer memory.
+IDLE_RELEASE = 1.0
 
 
 class Buffer:
@@ -38,21 +46,20 @@ class Buffer:
     def __init__(self) -> None:
         self._map = mmap.mmap(-1, DATA_AT + P.MAX_REQUEST)
         self.view = memoryview(self._map)
-        self.used = 0  # the most of it any request has touched since it was last trimmed
+        self.used = 0  # how much of the payload space may hold memory (touched, not trimmed)
 
     def payload(self, n: int) -> memoryview:
         if n > self.used:
             self.used = n
         return self.view[DATA_AT : DATA_AT + n]
 
-    def trim(self) -> None:
-        """Give back the memory past :data:`KEEP` (its bytes read as zeros afterwards)."""
-        if self.used > KEEP:
-            start = DATA_AT + KEEP
+    def trim(self, keep: int = KEEP) -> None:
+        """Give back the memory past ``keep`` payload bytes (it reads as zeros afterwards)."""
+        if self.used > keep:
             page = mmap.PAGESIZE
-            start = -(-start // page) * page
+            start = -(-(DATA_AT + keep) // page) * page
             self._map.madvise(mmap.MADV_DONTNEED, start, len(self._map) - start)
-        self.used = 0
+            self.used = keep
 
     def close(self) -> None:
         # A slice of the view still alive somewhere would make close() raise; the mapping then
@@ -70,6 +77,9 @@ class BufferPool:
     def __init__(self) -> None:
         self._free: list[Buffer] = []
         self._all: list[Buffer] = []
+        # Some free buffer holds more than HOLDING: worth releasing when the client is idle.
+        # Set by whoever gives a buffer back (any thread), cleared by release_idle.
+        self.holding = False
 
     def take(self) -> Buffer:
         try:
@@ -82,7 +92,19 @@ class BufferPool:
     def give(self, buf: Buffer) -> None:
         if buf.used > KEEP:
             buf.trim()
+        if buf.used > HOLDING:
+            self.holding = True
         self._free.append(buf)
+
+    def release_idle(self) -> None:
+        """Give back the memory of every free buffer (the receiving thread, while idle).
+
+        Only this thread takes buffers, so none of these can be handed out meanwhile; one
+        that a worker gives back during the sweep sets :attr:`holding` again.
+        """
+        self.holding = False
+        for buf in list(self._free):
+            buf.trim(0)
 
     def close(self) -> None:
         for buf in self._all:

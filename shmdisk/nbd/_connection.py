@@ -11,11 +11,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Callable
 
-from ._channel import Channel, Closed, hangup_reason
+from ._channel import Channel, Closed, hangup_reason, shutdown
 from ._exports import ExportTable
-from ._negotiation import negotiate
+from ._negotiation import TLSSetting, negotiate
 from ._peer import Peer
 from ._transmission import Transmission
 from ._workers import ThreadCache
@@ -24,7 +25,8 @@ __all__ = ["HANDSHAKE_TIMEOUT", "Connection"]
 
 log = logging.getLogger("shmdisk.nbd")
 
-# A client gets this long for the whole handshake; one that connects and says nothing is cut off.
+# A client gets this long for the whole handshake (TLS included); one that connects and says
+# nothing, or trickles its options, is cut off and frees its connection slot.
 HANDSHAKE_TIMEOUT = 60.0
 
 
@@ -39,21 +41,28 @@ class Connection:
         exports: ExportTable,
         threads: ThreadCache,
         stopping: Callable[[], bool],
+        tls: TLSSetting | None = None,
     ) -> None:
-        self.sock = sock
         self.peer = peer
         self.label = label
         self.exports = exports
         self.threads = threads
         self.stopping = stopping
+        self.tls = tls or TLSSetting()
+        # The socket lives in the channel, which STARTTLS may switch to a TLS stream: shutdown
+        # and close always reach whichever it is now.
+        self.channel = Channel(sock, stopping)
 
     def run(self) -> None:
         counters = "0 requests, 0 bytes read, 0 bytes written"
         try:
-            self.sock.settimeout(HANDSHAKE_TIMEOUT)
-            channel = Channel(self.sock, self.stopping)
-            session = negotiate(channel, self.peer, self.exports, self.label, self.stopping)
-            self.sock.settimeout(None)
+            self.channel.deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+            session = negotiate(
+                self.channel, self.peer, self.exports, self.label, self.stopping, self.tls
+            )
+            self.channel.deadline = None
+            sock = self.channel.sock
+            sock.settimeout(None)
             export = session.export
             log.info(
                 "%s: export %r, %d bytes, %s%s%s",
@@ -64,7 +73,7 @@ class Connection:
                 ", structured replies" if session.structured else "",
                 ", base:allocation" if session.block_status else "",
             )
-            transmission = Transmission(self.sock, session, self.label, self.threads, self.stopping)
+            transmission = Transmission(sock, session, self.label, self.threads, self.stopping)
             reason = transmission.run()
             t = transmission
             counters = (
@@ -86,9 +95,8 @@ class Connection:
 
     def shutdown(self, how: int) -> None:
         """Wake the connection's thread (``SHUT_RD``) or cut the client off (``SHUT_RDWR``)."""
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(how)
+        shutdown(self.channel.sock, how)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
-            self.sock.close()
+            self.channel.sock.close()

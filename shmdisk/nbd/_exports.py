@@ -2,14 +2,19 @@
 
 :class:`ExportTable` owns the disk handles the server connected by name (and disconnects them
 when it closes) and answers "what is export NAME right now, for this peer": the disk's current
-size, whether it is writable, and the access the peer gets (``_access.py``). A disk destroyed
-and re-created under the same name is attached again here, so new connections reach it.
+size, whether it is writable, and the access the peer gets (``_access.py``, from the disk
+file's permissions as they are now). A disk destroyed and re-created under the same name is
+attached again here, so new connections reach it, under the rules the first connect followed:
+a segment of another owner than this process's user, root, or the ``owner`` the server was
+told to trust is refused (``UntrustedOwnerError``) and the export stays unavailable.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,10 +24,11 @@ import shmdisk
 from shmdisk import errors
 
 from . import _proto as P
-from ._access import Access, AccessPolicy, decide
-from ._peer import Peer
+from ._access import Access, AccessPolicy, FileFacts, decide, file_access
+from ._peer import Peer, Transport
 
 if TYPE_CHECKING:
+    from shmdisk._mapping import Mapping
     from shmdisk.disk import Disk
 
 __all__ = ["Export", "ExportRefused", "ExportTable", "UnknownExport"]
@@ -79,7 +85,12 @@ class UnknownExport(LookupError):
 
 
 class ExportRefused(PermissionError):
-    """The export exists, but the access policy refuses it to this peer."""
+    """The export exists, but this peer may not use it (``str`` is for the client; ``reason``
+    says why, for the log)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class ExportTable:
@@ -87,7 +98,9 @@ class ExportTable:
 
     ``specs`` are disk names (connected by :meth:`open`, disconnected by :meth:`close`) or
     connected :class:`~shmdisk.Disk` handles (the caller's: used as they are, never closed,
-    never replaced). The first is also the default export, the empty name.
+    never replaced). The first is also the default export, the empty name. ``owner`` is the
+    user (name or uid) whose disks the server may serve besides its own and root's, as for
+    ``shmdisk.connect``.
     """
 
     def __init__(
@@ -97,11 +110,13 @@ class ExportTable:
         read_only: bool,
         create: bool,
         policy: AccessPolicy,
+        owner: int | str | None = None,
     ) -> None:
         self._specs = list(specs)
         self._read_only = read_only
         self._create = create
         self._policy = policy
+        self._owner = owner
         self._exports: dict[str, Export] = {}
         self._owned: list[Disk] = []
         self._default = ""
@@ -113,7 +128,9 @@ class ExportTable:
         """Connect the disks named in the specs; raises what ``shmdisk.connect`` raises."""
         for spec in self._specs:
             if isinstance(spec, str):
-                disk = shmdisk.connect(spec, read_only=self._read_only, create=self._create)
+                disk = shmdisk.connect(
+                    spec, read_only=self._read_only, create=self._create, owner=self._owner
+                )
                 self._owned.append(disk)
             else:
                 disk = spec
@@ -143,8 +160,23 @@ class ExportTable:
         return list(self._exports)
 
     def visible(self, peer: Peer) -> list[str]:
-        """The names NBD_OPT_LIST shows ``peer``: all but those the policy refuses it."""
-        return [n for n in self._exports if self._policy(n, peer) is not Access.REFUSED]
+        """The names NBD_OPT_LIST shows ``peer``: all but those it would be refused.
+
+        A listed export is one the client can go on to use, so ``nbdinfo --list`` shows what
+        works rather than errors; a local user learns nothing it could not see in /dev/shm,
+        and a network client nothing about disks it may not use. (A refused name asked for by
+        name is answered ``NBD_REP_ERR_POLICY``, so a user who expected it learns why.)
+        """
+        names = []
+        for name in self._exports:
+            try:
+                self.resolve(name, peer)
+            except ExportRefused:
+                continue
+            except UnknownExport:
+                pass  # unavailable for now (destroyed): listed, as the server still offers it
+            names.append(name)
+        return names
 
     def resolve(self, name: str, peer: Peer) -> Export:
         """Export ``name`` ("" is the default) as ``peer`` may use it, with its current size.
@@ -156,9 +188,22 @@ class ExportTable:
         if export is None:
             raise UnknownExport(f"no export named {name!r}")
         export = self._current(export)
-        access = decide(self._policy, export.name, export.read_only, peer)
+        if peer.transport is Transport.UNIX:
+            try:
+                by_file, reason = file_access(_file_facts(export.disk), peer.credentials)
+            except (OSError, errors.ShmdiskError) as exc:
+                # Destroyed between the size check and now: unavailable, not a bug.
+                raise UnknownExport(f"export {export.name!r} is unavailable: {exc}") from None
+        else:
+            by_file, reason = Access.READ_WRITE, "network client"
+        access = decide(self._policy, export.name, export.read_only, peer, by_file)
         if access is Access.REFUSED:
-            raise ExportRefused(f"export {export.name!r} is not available to this client")
+            if by_file is not Access.REFUSED:
+                reason = "refused by the access policy"
+            who = ""
+            if peer.credentials is not None:
+                who = f" to uid {peer.credentials.uid}"
+            raise ExportRefused(f"export {export.name!r} is not available{who}", reason)
         if access is Access.READ_ONLY and not export.read_only:
             export = dataclasses.replace(export, read_only=True)
         return export
@@ -206,7 +251,14 @@ class ExportTable:
             if self._closing or not any(d is old.disk for d in self._owned):
                 return None  # the caller's handle: not ours to replace
             try:
-                disk = shmdisk.connect(old.name, read_only=self._read_only, create=False)
+                # The same trust as the first connect: the server's own user, root, or the
+                # owner it was told to trust; a name re-created by anyone else is not served.
+                disk = shmdisk.connect(
+                    old.name, read_only=self._read_only, create=False, owner=old.disk.owner
+                )
+            except errors.UntrustedOwnerError as exc:
+                log.warning("export %r: not attaching the re-created disk: %s", old.name, exc)
+                return None
             except (errors.ShmdiskError, OSError):
                 return None
             self._owned.append(disk)
@@ -214,3 +266,31 @@ class ExportTable:
             self._exports[old.name] = export
         log.info("export %r: the disk was re-created; new connections get the new one", old.name)
         return export
+
+
+# The extended attribute the kernel keeps a file's POSIX ACL in.
+_ACL_XATTR = "system.posix_acl_access"
+
+
+def _file_facts(disk: Disk) -> list[FileFacts]:
+    """The owner, group, mode and ACL of the file ``disk`` maps, then of each disk it is backed
+    by (an overlay's chain), read from the descriptors this process holds.
+
+    The descriptors, not the names: a name may already belong to a re-created disk, while the
+    client is about to be served the one this handle maps. The core has no public way to stat
+    a handle's file, so this is the one place that reaches into its mapping.
+    """
+    facts = []
+    mapping: Mapping | None = disk._io.current()
+    while mapping is not None:
+        fd = mapping.seg.fd
+        st = os.fstat(fd)
+        try:
+            acl: bytes | None = os.getxattr(fd, _ACL_XATTR)
+        except OSError as exc:
+            if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            acl = None
+        facts.append(FileFacts(st.st_uid, st.st_gid, st.st_mode & 0o777, acl))
+        mapping = mapping.base
+    return facts

@@ -2,14 +2,27 @@
 
 :func:`negotiate` returns the :class:`Session` the client settled on, or raises
 :class:`~shmdisk.nbd._channel.Closed` when it leaves (``NBD_OPT_ABORT``, hang-up, protocol
-violation). One method per option; an option not in the table gets ``NBD_REP_ERR_UNSUP``.
-Every export the client names is resolved through :meth:`ExportTable.resolve` with the
-connection's :class:`~shmdisk.nbd._peer.Peer`, which applies the access policy.
+violation, a failed TLS handshake). One method per option; an option not in the table gets
+``NBD_REP_ERR_UNSUP``. Every export the client names is resolved through
+:meth:`ExportTable.resolve` with the connection's :class:`~shmdisk.nbd._peer.Peer`, which
+applies the access rules.
+
+TLS follows the protocol's STARTTLS section: with ``--tls require`` every option before the
+upgrade but ``STARTTLS`` and ``ABORT`` is answered ``NBD_REP_ERR_TLS_REQD`` (and
+``EXPORT_NAME``, which cannot fail politely, ends the connection); with ``--tls off``
+``STARTTLS`` is ``NBD_REP_ERR_POLICY``; a second ``STARTTLS`` or one with data is
+``NBD_REP_ERR_INVALID``. Whatever was negotiated in plain text (structured replies, meta
+contexts) is forgotten at the upgrade: a man in the middle may have written it. Nothing the
+client sent after ``STARTTLS`` has been read yet when the TLS handshake starts (the channel
+reads exactly one option at a time), so plain text slipped in behind it can only break the
+handshake, never pass for an encrypted option.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +31,7 @@ from . import _proto as P
 from ._channel import Channel, Closed
 from ._exports import Export, ExportRefused, ExportTable, UnknownExport
 from ._peer import Peer
+from ._tls import TLSCredentials, TLSHandshakeError, start_tls
 
 __all__ = ["Session", "negotiate"]
 
@@ -32,6 +46,15 @@ class Session:
     structured: bool  # NBD_OPT_STRUCTURED_REPLY was acknowledged
     block_status: bool  # base:allocation was selected for this export
     strict_blocks: bool  # the client asked for block sizes in NBD_OPT_GO, so it obeys them
+    peer: Peer  # who the client turned out to be (TLS may have told more)
+
+
+@dataclass(frozen=True)
+class TLSSetting:
+    """How one listener treats TLS: ``mode`` is "off", "on" or "require"."""
+
+    mode: str = "off"
+    credentials: TLSCredentials | None = None
 
 
 def negotiate(
@@ -40,9 +63,13 @@ def negotiate(
     exports: ExportTable,
     label: str,
     stopping: Callable[[], bool],
+    tls: TLSSetting | None = None,
 ) -> Session:
-    """Run the handshake on ``channel``; the chosen session, or :class:`Closed`."""
-    return _Negotiation(channel, peer, exports, label, stopping).run()
+    """Run the handshake on ``channel``; the chosen session, or :class:`Closed`.
+
+    After ``NBD_OPT_STARTTLS``, ``channel.sock`` is the TLS stream.
+    """
+    return _Negotiation(channel, peer, exports, label, stopping, tls or TLSSetting()).run()
 
 
 class _Negotiation:
@@ -53,12 +80,14 @@ class _Negotiation:
         exports: ExportTable,
         label: str,
         stopping: Callable[[], bool],
+        tls: TLSSetting,
     ) -> None:
         self.channel = channel
         self.peer = peer
         self.exports = exports
         self.label = label
         self.stopping = stopping
+        self.tls = tls
         self.structured = False
         self.no_zeroes = False
         self.meta_export: str | None = None  # the export base:allocation was selected for
@@ -72,6 +101,7 @@ class _Negotiation:
             P.OPT_STRUCTURED_REPLY: self.structured_reply,
             P.OPT_LIST_META_CONTEXT: self.meta_context,
             P.OPT_SET_META_CONTEXT: self.meta_context,
+            P.OPT_STARTTLS: self.starttls,
         }
 
     def run(self) -> Session:
@@ -92,6 +122,11 @@ class _Negotiation:
             data = self.channel.recv_exact(length)
             if self.stopping() and option != P.OPT_ABORT:
                 self.error(option, P.REP_ERR_SHUTDOWN, "server is shutting down")
+                continue
+            if self.tls.mode == "require" and not self.peer.tls and option not in _BEFORE_TLS:
+                if option == P.OPT_EXPORT_NAME:
+                    raise Closed("NBD_OPT_EXPORT_NAME before STARTTLS on a TLS-only server")
+                self.error(option, P.REP_ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS")
                 continue
             handler = self.handlers.get(option)
             if handler is None:
@@ -114,8 +149,9 @@ class _Negotiation:
         except UnknownExport:
             log.warning("%s: asked for unknown export %r", self.label, name)
             raise
-        except ExportRefused:
-            log.warning("%s: refused export %r", self.label, name or self.exports.default)
+        except ExportRefused as exc:
+            shown = name or self.exports.default
+            log.warning("%s: refused export %r: %s", self.label, shown, exc.reason)
             raise
 
     # --- options, one method each ------------------------------------------------------------
@@ -225,13 +261,46 @@ class _Negotiation:
                 self.meta_export = export.name
         self.reply(option, P.REP_ACK)
 
+    def starttls(self, option: int, data: bytes) -> None:
+        if data:
+            self.error(option, P.REP_ERR_INVALID, "STARTTLS takes no data")
+            return
+        credentials = self.tls.credentials
+        if self.tls.mode == "off" or credentials is None:
+            self.error(option, P.REP_ERR_POLICY, "TLS is not enabled on this server")
+            return
+        if self.peer.tls:
+            self.error(option, P.REP_ERR_INVALID, "TLS is already in use")
+            return
+        plain = self.channel.sock
+        if not isinstance(plain, socket.socket):  # pragma: no cover - peer.tls says otherwise
+            raise Closed("STARTTLS on a stream that is not a plain socket")
+        self.reply(option, P.REP_ACK)
+        try:
+            stream, identity = start_tls(plain, credentials, self.channel.deadline)
+        except TLSHandshakeError as exc:
+            # Too late for an error reply: the client expects TLS now. One line, no traceback.
+            log.warning("%s: %s", self.label, exc)
+            raise Closed(str(exc)) from None
+        self.channel.sock = stream
+        self.peer = dataclasses.replace(self.peer, tls=True, tls_identity=identity)
+        # Forget what was negotiated in plain text: the client negotiates again under TLS.
+        self.structured = False
+        self.meta_export = None
+        log.info("%s: TLS started (%s)", self.label, self.peer)
+
     def enter(self, export: Export, *, strict_blocks: bool) -> None:
         self.session = Session(
             export=export,
             structured=self.structured,
             block_status=self.structured and self.meta_export == export.name,
             strict_blocks=strict_blocks,
+            peer=self.peer,
         )
+
+
+# With --tls require, the options a client may send before it has upgraded.
+_BEFORE_TLS = frozenset({P.OPT_STARTTLS, P.OPT_ABORT})
 
 
 def _parse_info_request(data: bytes) -> tuple[str, set[int]] | str:

@@ -9,11 +9,11 @@ allows.
 
 from __future__ import annotations
 
-import socket
 import threading
 
 from . import _proto as P
 from ._buffers import DATA_AT, Buffer
+from ._channel import Stream
 
 __all__ = ["Replies", "Reply"]
 
@@ -26,7 +26,7 @@ _MAX_MESSAGE = 1024
 class Replies:
     """Encodes one connection's replies and sends them, whole, from any thread."""
 
-    def __init__(self, sock: socket.socket, structured: bool) -> None:
+    def __init__(self, sock: Stream, structured: bool) -> None:
         self.sock = sock
         self.structured = structured
         self.lock = threading.Lock()

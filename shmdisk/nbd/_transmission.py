@@ -36,8 +36,8 @@ from collections.abc import Callable
 from shmdisk import errors
 
 from . import _proto as P
-from ._buffers import Buffer, BufferPool
-from ._channel import Closed, hangup_reason
+from ._buffers import IDLE_RELEASE, Buffer, BufferPool
+from ._channel import Closed, Stream, hangup_reason, readable_within, shutdown
 from ._handlers import DiskCommands
 from ._negotiation import Session
 from ._replies import Replies, Reply
@@ -80,7 +80,7 @@ class Transmission:
 
     def __init__(
         self,
-        sock: socket.socket,
+        sock: Stream,
         session: Session,
         label: str,
         threads: ThreadCache,
@@ -102,6 +102,7 @@ class Transmission:
             P.CMD_BLOCK_STATUS: commands.block_status,
         }
         self.pool = BufferPool()
+        self.readable_within = readable_within(sock)
         self.workers = Workers(threads, WORKERS)
         # Requests with the workers, and the FLUSHes waiting for writes among them.
         self.cond = threading.Condition()
@@ -310,8 +311,7 @@ class Transmission:
         except OSError as exc:
             # The client is gone (or stuck and cut off): make the receiving thread notice.
             self.broken = hangup_reason(exc) or f"socket error: {exc.strerror or exc}"
-            with contextlib.suppress(OSError):
-                self.sock.shutdown(socket.SHUT_RDWR)
+            shutdown(self.sock, socket.SHUT_RDWR)
 
     def finish(self) -> None:
         """Wait for every request in flight, send what is batched, release the buffers."""
@@ -357,6 +357,9 @@ class Transmission:
                     continue
             else:
                 replies.flush()
+                if self.pool.holding and not self.readable_within(IDLE_RELEASE):
+                    # The client has gone quiet: its buffers' memory goes back to the system.
+                    self.pool.release_idle()
                 n = self.sock.recv_into(view[self.have :], STAGE - self.have)
             if n == 0:
                 raise Closed(self.end_reason("client hung up mid-request" if self.have else ""))

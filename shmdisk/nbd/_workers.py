@@ -23,48 +23,89 @@ log = logging.getLogger("shmdisk.nbd")
 
 Job = Callable[[], None]
 
+# Idle threads kept for the next connections and requests; more end as soon as they are done.
+SPARE = 4
+# An idle thread ends after this long without work.
+IDLE_TIMEOUT = 10.0
+
 
 class ThreadCache:
-    """Runs jobs on reused daemon threads; :meth:`stop` ends the idle ones."""
+    """Runs jobs on reused daemon threads; :meth:`stop` ends them all.
 
-    def __init__(self, name: str) -> None:
+    A thread that finishes a job stays for the next one only while fewer than ``spare`` others
+    are idle, and an idle thread ends after ``idle_timeout`` seconds without work: a burst of
+    connections does not leave its threads (and the lock descriptor each got from the core)
+    behind once it is over.
+    """
+
+    def __init__(self, name: str, spare: int = SPARE, idle_timeout: float = IDLE_TIMEOUT) -> None:
         self._name = name
+        self._spare = spare
+        self._idle_timeout = idle_timeout
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
+        # Idle threads not yet promised a job: each run() promises one of them the job it queues.
         self._idle = 0
-        self._threads: list[threading.Thread] = []
+        self._threads: set[threading.Thread] = set()
+        self._started = 0
 
     def run(self, job: Job) -> None:
         """Run ``job`` on an idle thread, or on a new one if none is idle."""
-        thread = None
         with self._lock:
             if self._idle:
                 self._idle -= 1  # that idle thread takes this job from the queue
-            else:
-                name = f"{self._name}-{len(self._threads)}"
-                thread = threading.Thread(target=self._loop, name=name, daemon=True)
-                self._threads.append(thread)
-        self._jobs.put(job)
-        if thread is not None:
-            thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
+                self._jobs.put(job)
                 return
+            name = f"{self._name}-{self._started}"
+            self._started += 1
+            thread = threading.Thread(target=self._loop, args=(job,), name=name, daemon=True)
+            self._threads.add(thread)
+        try:
+            thread.start()
+        except BaseException:
+            with self._lock:
+                self._threads.discard(thread)
+            raise
+
+    def threads(self) -> int:
+        """How many threads exist now, busy or idle."""
+        with self._lock:
+            return len(self._threads)
+
+    def _loop(self, first: Job) -> None:
+        me = threading.current_thread()
+        job: Job | None = first
+        while job is not None:
             try:
                 job()
             except BaseException:  # jobs handle their own errors; this is a last resort
                 log.exception("a server thread's job failed")
-            finally:
+            job = None  # let the job (and what it holds) go while idle
+            with self._lock:
+                if self._idle >= self._spare:
+                    break  # enough idle threads already
+                self._idle += 1
+            job = self._next()
+        with self._lock:
+            self._threads.discard(me)
+
+    def _next(self) -> Job | None:
+        """The next job for this idle thread; None when it is to end."""
+        while True:
+            try:
+                return self._jobs.get(timeout=self._idle_timeout)
+            except queue.Empty:
                 with self._lock:
-                    self._idle += 1
+                    if self._idle:  # not promised a job: leave
+                        self._idle -= 1
+                        return None
+                # A job was promised to an idle thread just now: it may be this one's.
 
     def stop(self, deadline: float) -> None:
         """End every thread once its job is done; wait for them until ``deadline``."""
         with self._lock:
             threads = list(self._threads)
+            # Idle threads end on their None; busy ones find one when they are done.
         for _ in threads:
             self._jobs.put(None)
         for thread in threads:
