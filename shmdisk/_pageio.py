@@ -189,6 +189,11 @@ def _stripe_pages(s: int, pa: int, pb: int) -> Any:
     return pages[(pages >= pa) & (pages < pb)]
 
 
+# Odd counters this process made even in ``repair`` (the native engine counts its own, see
+# ``_native.repaired_pages``): evidence for the stress tools that repairs really ran.
+repaired_pages = 0
+
+
 def repair(seg: Segment, s: int) -> None:
     """Put right what the dead holder of stripe ``s`` may have left (see the module text).
 
@@ -196,6 +201,7 @@ def repair(seg: Segment, s: int) -> None:
     disk is repaired as fast as a small one. The caller holds stripe ``s``. Mirrors
     ``repair`` in ``_native.c``.
     """
+    global repaired_pages
     first = int(seg.lq[s * _SLOT_Q + _I_FIRST])
     count = int(seg.lq[s * _SLOT_Q + _I_COUNT])
     if first >= seg.max_pages or count == 0:
@@ -212,6 +218,7 @@ def repair(seg: Segment, s: int) -> None:
         odd = (ws & 1) != 0
         if odd.any():
             seg.words[pages[odd]] = _pagemap.done(ws[odd], ws[odd] & np.uint32(L.FLAGS))
+            repaired_pages += int(odd.sum())
     # 2. Memory of pages that are not mapped, where the data area holds memory.
     shift, base = seg.shift, seg.data_offset
     for lo, hi in _allocated(seg.fd, base + (first << shift), base + (end << shift)):
