@@ -59,7 +59,7 @@ class Options:
     sector_size: int = 512
     disk_pages: int = 64  # torture: a small disk, so requests collide often
     max_pages: int = 4  # torture: the longest request, in pages
-    large_mib: float = 4.0  # kill: size of a victim's large write
+    large_mib: float = 8.0  # kill: a victim's largest write (8 MiB: 128 stripes)
     hang_after: float = 5.0  # kill: a survivor silent this long counts as a hang
     examples: int = 300  # hostile: hypothesis examples per check
     tmpfs_size: str = "8M"  # enospc
@@ -71,6 +71,8 @@ class Options:
     discard: bool = True  # torture --blocks: discard and zero blocks (off: --no-discard)
     churn: bool = False  # torture: short-lived threads one after another (see --churn)
     split_writes: bool = False  # torture self-test: non-atomic writes that must be caught
+    engines: str = "inherit"  # engines of the child processes (see _engines.py)
+    min_kills: int = 0  # kill, read-only: go on past the duration until this many kills
 
     def rng(self, salt: int = 0) -> random.Random:
         seed = self.seed if self.seed is not None else secrets.randbits(32)
@@ -95,6 +97,18 @@ def scratch_disk(tag: str, size_sectors: int, sector_size: int = 512, **kw: Any)
         yield name
     finally:
         shmdisk.destroy(name)
+
+
+def start_together(ready: Any, n: int, duration: float, patience: float = 120.0) -> float:
+    """Called by each of ``n`` children as it starts: wait (up to ``patience`` s) until all are
+    up, then return when this one should stop. Spawned interpreters start one by one, slowly on
+    a loaded machine; counting the run from the last start keeps every run its full length."""
+    with ready.get_lock():
+        ready.value += 1
+    deadline = time.monotonic() + patience
+    while ready.value < n and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return time.monotonic() + duration
 
 
 def join_all(procs: list[Any], timeout: float) -> list[Any]:
@@ -125,10 +139,13 @@ def drain(q: Any, n: int, timeout: float) -> list[dict[str, Any]]:
 def progress_loop(
     opt: Options, label: str, procs: list[Any], stop_at: float | None, line: Callable[[], str]
 ) -> None:
-    """Print a progress line every interval until ``stop_at`` or until every process ended."""
+    """Print a progress line every interval until ``stop_at`` or until every process ended
+    (``stop_at`` None: at most the duration plus 180 s, for starting and a hang to show)."""
     t0 = time.monotonic()
+    if stop_at is None:
+        stop_at = t0 + opt.duration + 180
     nxt = t0 + opt.interval
-    while any(p.is_alive() for p in procs) and (stop_at is None or time.monotonic() < stop_at):
+    while any(p.is_alive() for p in procs) and time.monotonic() < stop_at:
         time.sleep(0.05)
         if time.monotonic() >= nxt:
             opt.say(f"{label:<14}{time.monotonic() - t0:6.1f}s  {line()}")
