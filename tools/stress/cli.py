@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         "--churn",
         action="store_true",
         help="torture: each of --threads runs short-lived threads one after another on the "
-        "shared handle (a thread's lock descriptor is closed when it ends)",
+        "shared handle (a thread that ends must leave no stripe held, nothing open)",
     )
     ap.add_argument(
         "--threads",

@@ -159,8 +159,10 @@ def _destroyer(
             old = shmdisk.connect(name, create=False)
         except shmdisk.DiskNotFoundError:
             old = None
-        gen.value += 1
         shmdisk.destroy(name)
+        # Only now: a worker that reads the new generation before connecting must never reach
+        # the incarnation being destroyed (its data would look stale to that worker).
+        gen.value += 1
         counts[0] += 1
         if old is not None:
             label, fn = rng.choice(ops)
