@@ -111,6 +111,47 @@ def start_together(ready: Any, n: int, duration: float, patience: float = 120.0)
     return time.monotonic() + duration
 
 
+def _oversleep(words: Any) -> None:
+    """Sleep 1 ms at a time until told to stop; keep the longest overshoot (ns) in words[1]."""
+    while not words[0]:
+        t = time.monotonic_ns()
+        time.sleep(0.001)
+        late = time.monotonic_ns() - t - 1_000_000
+        if late > words[1]:
+            words[1] = late
+
+
+class SchedulingDelay:
+    """A process that only sleeps, to measure how long this machine keeps a runnable process
+    waiting for a CPU. A loaded machine stalls every process that long, holders of locks
+    included; scenarios scale their stall limits by it (``limit_ms``)."""
+
+    def __init__(self) -> None:
+        import ctypes
+
+        self._words = SPAWN.Array(ctypes.c_int64, 2, lock=False)
+        self._proc = SPAWN.Process(target=_oversleep, args=(self._words,), daemon=True)
+        self._proc.start()
+
+    def reset(self) -> None:
+        self._words[1] = 0
+
+    def worst_ms(self) -> float:
+        return float(self._words[1]) / 1e6
+
+    def limit_ms(self, floor_ms: float) -> float:
+        """``floor_ms``, or three times the worst delay seen if that is more: a lock holder
+        kept off the CPU, then its waiter, then the waiter's caller."""
+        return max(floor_ms, 3 * self.worst_ms())
+
+    def stop(self) -> None:
+        self._words[0] = 1
+        self._proc.join(5)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+
+
 def join_all(procs: list[Any], timeout: float) -> list[Any]:
     """Join processes within ``timeout`` overall; kill and return the ones that did not end."""
     deadline = time.monotonic() + timeout

@@ -30,9 +30,10 @@ import stamp
 
 import shmdisk
 from shmdisk import _layout as L
+from shmdisk import _pageio
 
 from . import _engines, _table
-from ._common import FORK, SPAWN, Options, Result, join_all, scratch_disk
+from ._common import FORK, SPAWN, Options, Result, SchedulingDelay, join_all, scratch_disk
 from ._kill_roles import (
     F_FIELDS,
     F_HOLD_EPOCH,
@@ -318,12 +319,17 @@ class _Run:
         self.fresh_pages_checked += 1
         if any(buf):
             self.r.fail(f"page {fresh}, unmapped, reads non-zero after its writer died")
-        seg = disk._io.current().seg
+        # The read above may have gone lock-free past a repair still in progress (the counter
+        # is made even before the memory is punched): the stripe, taken, says it is done.
+        io = disk._io
+        m = io.current()
+        seg = m.seg
         off = seg.data_offset + fresh * page
-        try:
-            holds_memory = os.lseek(seg.fd, off, os.SEEK_DATA) == off
-        except OSError:
-            holds_memory = False  # ENXIO: no data after it
+        with io.holding(m, _pageio.stripes_for(fresh, fresh + 1), (fresh, 0)):
+            try:
+                holds_memory = os.lseek(seg.fd, off, os.SEEK_DATA) == off
+            except OSError:
+                holds_memory = False  # ENXIO: no data after it
         if holds_memory:
             self.r.fail(f"page {fresh}, unmapped, still holds memory after its writer died")
 
@@ -369,6 +375,7 @@ def run_kill(opt: Options) -> Result:
         ]
         n_probes = 2  # two callers on one stripe: the kernel wakes one, the unlock the other
         probes: list[Probe] = []
+        delay = SchedulingDelay()
         stuck_reports: list[tuple[str, int, bool, str]] = []
         try:
             for i, p in enumerate(survivors):
@@ -387,6 +394,7 @@ def run_kill(opt: Options) -> Result:
                 r.fail("probes did not start")
             t_kills = time.monotonic()
             run.flags[F_MEASURE] = 1  # stalls count from now on, not while processes start
+            delay.reset()
             stop_kills = t_kills + opt.duration
             hard_stop = t_kills + max(3 * opt.duration, opt.duration + 30)
             nxt_line = t_kills + opt.interval
@@ -447,7 +455,9 @@ def run_kill(opt: Options) -> Result:
             parent_eng = _engines.running()
             repaired[parent_eng] = repaired.get(parent_eng, 0) + _engines.repaired_pages()
             usable = _whole_disk_check(name, lay.size, lay.ss, timeout=30)
+            sched = (delay.worst_ms(), delay.limit_ms(1000))
         finally:
+            delay.stop()
             run.flags[F_STOP] = 1
             for pr in probes:
                 pr.close()
@@ -458,7 +468,18 @@ def run_kill(opt: Options) -> Result:
             run.close()  # the nurseries' handles go before the disk does
     r.seconds = time.monotonic() - t0
     _figures(
-        r, run, lay, shared, n_surv, kill_seconds, stuck, hangs, stuck_reports, repaired, usable
+        r,
+        run,
+        lay,
+        shared,
+        n_surv,
+        kill_seconds,
+        stuck,
+        hangs,
+        stuck_reports,
+        repaired,
+        usable,
+        sched,
     )
     return r
 
@@ -497,6 +518,7 @@ def _figures(
     stuck_reports: list[tuple[str, int, bool, str]],
     repaired: dict[str, int],
     usable: str | None,
+    sched: tuple[float, float],
 ) -> None:
     def tot(f: int) -> int:
         return sum(shared[i * S_FIELDS + f] for i in range(n_surv))
@@ -541,6 +563,8 @@ def _figures(
         "longest_wait_behind_a_deliberate_holder_ms": round(
             _max(shared, n_surv, S_HELD_GAP) * 1e3, 1
         ),
+        "machine_scheduling_delay_ms_max": round(sched[0], 1),
+        "stall_limit_ms": round(sched[1]),
         "hangs": hangs + len(stuck),
         "stuck_stripes_after": {e: n for e, n, _, _ in stuck_reports},
         "hold_writes_after": {e: w for e, _, w, _ in stuck_reports},
@@ -556,8 +580,9 @@ def _figures(
             r.fail(f"{e}: {n} stripes stuck after the run, hold_writes {whole} {err}")
     if usable is not None:
         r.fail(f"disk not usable after the run: {usable}")
-    if r.figures["longest_stall_ms"] > 1000:
-        r.fail(f"a survivor stalled {r.figures['longest_stall_ms']} ms (limit 1000)")
+    if r.figures["longest_stall_ms"] > sched[1]:
+        # 1 s, or three times the longest a process that only sleeps was kept off the CPU.
+        r.fail(f"a survivor stalled {r.figures['longest_stall_ms']} ms (limit {sched[1]:.0f})")
     if r.figures["kills"] == 0:
         r.fail("no kills were done")
 
