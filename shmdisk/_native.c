@@ -71,6 +71,16 @@ enum {
 
 static unsigned long long repaired_pages = 0;
 
+/* Stripes this thread took through the Engine methods, i.e. Python's holding() (slow paths,
+ * hold_writes, resize). The one-call write takes stripes only while this is 0, as the python
+ * engine's one-page write does: a thread that holds stripes already may be re-entering from a
+ * signal handler, or be near the kernel's robust-list limit, and only Python's holding()
+ * checks those. Without this, a thread holding two disks' 2048 stripes took a 2049th here,
+ * which the kernel would not free if the thread died. The child of a fork holds none. */
+static __thread unsigned long held_here = 0;
+
+static void forget_after_fork(void) { held_here = 0; }
+
 typedef struct EngineObject {
     PyObject_HEAD
     Py_buffer meta; /* header | lock table | page map */
@@ -543,6 +553,8 @@ static int do_write(EngineObject *e, long long off, Views *v) {
     for (uint64_t g = p0 >> MAP_PAGE_SHIFT; g <= (p1 - 1) >> MAP_PAGE_SHIFT; g++)
         if (!known[g])
             return ST_SLOW;
+    if (held_here)
+        return ST_SLOW; /* this thread holds stripes already: Python checks (see held_here) */
     StripeSet ss = stripes_for(p0, p1);
     int rc = try_set(e, &ss, p0, n);
     if (rc == EBUSY)
@@ -729,7 +741,10 @@ static PyObject *Engine_trylock(EngineObject *e, PyObject *args) {
     unsigned long long s;
     if (stripe_arg(e, args, &s, 1) < 0)
         return NULL;
-    return PyLong_FromLong(try_stripe(e, s));
+    int rc = try_stripe(e, s);
+    if (rc == 0)
+        held_here++;
+    return PyLong_FromLong(rc);
 }
 
 /* lock(stripe, timeout_ns) -> 0 or an errno (ETIMEDOUT, ...). Waits without the GIL. */
@@ -759,6 +774,8 @@ static PyObject *Engine_lock(EngineObject *e, PyObject *args) {
         repair(e, s);
         rc = pthread_mutex_consistent(m);
     }
+    if (rc == 0)
+        held_here++;
     return PyLong_FromLong(rc);
 }
 
@@ -771,6 +788,8 @@ static PyObject *Engine_unlock(EngineObject *e, PyObject *args) {
         errno = rc;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
+    if (held_here)
+        held_here--;
     Py_RETURN_NONE;
 }
 
@@ -871,6 +890,10 @@ static struct PyModuleDef native_module = {
 PyMODINIT_FUNC PyInit__native(void) {
     if (PyType_Ready(&EngineType) < 0)
         return NULL;
+    if (pthread_atfork(NULL, NULL, forget_after_fork) != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "pthread_atfork failed");
+        return NULL;
+    }
     PyObject *m = PyModule_Create(&native_module);
     if (!m)
         return NULL;

@@ -6,10 +6,12 @@ import multiprocessing
 import os
 import signal
 
+import _kill_workers as kw
 import _workers as w
+import pytest
 import stress  # tools/stress, on pytest's pythonpath (pyproject.toml)
 from _engines_choice import ENGINES
-from stress import _engines
+from stress import _engines, _table
 
 import shmdisk
 
@@ -58,3 +60,52 @@ def test_repairs_are_counted(disk: shmdisk.Disk) -> None:
     disk.read(0, buf)  # the odd page makes this read-write handle take the stripe: repaired
     assert buf == b"torn!!!!" + b"r" * 4088
     assert _engines.repaired_pages() == before + 1
+
+
+def test_killed_holding_2048_stripes_of_two_disks_leaves_none_stuck(name: str) -> None:
+    """A thread killed holding every stripe of two disks (2048, the kernel's robust-list limit):
+    every one of them is free for the taking afterwards."""
+    other = name + "-b"
+    disks = [shmdisk.create(name, 64), shmdisk.create(other, 64)]
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    p = ctx.Process(target=kw.hold_every_stripe_of, args=([name, other], ready))
+    p.start()
+    try:
+        assert ready.wait(60)
+        for d in disks:
+            assert _table.held_by(d, p.pid or 0) == 1024
+            with pytest.raises(shmdisk.WouldBlockError):
+                d.write(0, bytes(512), wait=False)
+    finally:
+        os.kill(p.pid or 0, signal.SIGKILL)
+        p.join(10)
+    try:
+        for d in disks:
+            assert _table.stuck_stripes(d, patience=0.5) == []
+            with d.hold_writes(timeout=2):
+                pass
+    finally:
+        for d in disks:
+            d.disconnect()
+        shmdisk.destroy(other)
+
+
+def test_a_thread_is_refused_more_stripes_than_the_kernel_frees(name: str) -> None:
+    """Holding two disks' 2048 stripes, the same thread may not take a third disk's: it could
+    not be freed if the thread died."""
+    names = [name, name + "-b", name + "-c"]
+    disks = [shmdisk.create(n, 64) for n in names]
+    try:
+        disks[2].write(0, bytes(4096))  # a mapped page: the native engine's one-call path
+        with disks[0].hold_writes(), disks[1].hold_writes():
+            with pytest.raises(shmdisk.ReentrantCallError), disks[2].hold_writes():
+                pass
+            with pytest.raises(shmdisk.ReentrantCallError):
+                disks[2].write(0, bytes(512))
+        disks[2].write(0, bytes(512))  # fine again once the others are let go
+    finally:
+        for d in disks:
+            d.disconnect()
+        for n in names[1:]:
+            shmdisk.destroy(n)
