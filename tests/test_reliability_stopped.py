@@ -17,7 +17,7 @@ def test_stopped_holder_timeouts_ctrl_c_and_sigcont() -> None:
     assert f["resumed_after_sigcont"] == 2 * rounds
     assert f["timeout_write"] == 2 * rounds and f["would_block_write"] == 2 * rounds
     assert f["timeout_ro_read"] >= 2 and f["would_block_ro_read"] >= 2
-    assert f["beside_read"] == 2 * rounds and f["unchanged_checks"] >= 1
+    assert f["beside_read"] > 2 * rounds and f["unchanged_checks"] >= 1
     assert f["timeout_lateness_ms_max"] < 1000 and f["ctrl_c_ms_max"] < 1000
     assert set(f["stuck_stripes_after"].values()) == {0}
     if ENGINES == "mixed":

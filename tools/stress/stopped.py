@@ -249,6 +249,8 @@ def _round(
                 ("timeout", "read", sector, {"timeout": rng.uniform(0.05, 0.3)}, True),
             ]
         else:
+            # Held but not mid-write: reads of the page itself are lock-free too.
+            calls.append(("beside", "read", sector, {"timeout": 5.0}, False))
             calls.append(("beside", "read", sector, {"timeout": 5.0}, True))
         for what, op, sec, kw, ro in calls:
             for p in probes:
