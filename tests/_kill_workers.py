@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import shmdisk
+from shmdisk import _layout
 
 
 def hold_every_stripe_of(names: list[str], ready: Any) -> None:
@@ -17,3 +18,13 @@ def hold_every_stripe_of(names: list[str], ready: Any) -> None:
         h.__enter__()
     ready.set()
     time.sleep(3600)
+
+
+def hold_all_with_intent(name: str, ready: Any, first: int, count: int) -> None:
+    """Hold every stripe of the disk with intent ``(first, count)``, as a write of that range
+    would, then wait to be killed."""
+    d = shmdisk.connect(name, create=False)
+    io = d._io
+    with io.holding(io.current(), list(range(_layout.STRIPES)), (first, count)):
+        ready.set()
+        time.sleep(3600)
