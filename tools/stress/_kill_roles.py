@@ -183,7 +183,9 @@ def resize_victim(
         state[base + V_STATE] = RESIZING
         disk.resize(lay.size)
         state[base + V_STATE] = IDLE
-        time.sleep(rng.random() * 0.002)
+        # A pause between cycles: mutexes are not fair, and a resizer taking all 1024 stripes
+        # again within a millisecond or two can starve a woken waiter on a busy machine.
+        time.sleep(0.005 + rng.random() * 0.015)
 
 
 def holder(
