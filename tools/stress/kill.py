@@ -232,12 +232,15 @@ class _Run:
             # Each probe calls into a page the holder holds: a read of a page it left odd
             # (waits for the stripe: the page is mid-write) or a write of a held page.
             targets = []
+            # Writes go to held pages that are not mid-write, so that the mid-write pages
+            # keep what the holder left (with 4 KiB sectors a write covers a whole page).
+            writable = [p for p in pages if p not in odd]
             for i, probe in enumerate(probes):
-                if odd and i % 2 == 0:
-                    page, op = odd[i // 2 % len(odd)], "read"
+                if odd and (i % 2 == 0 or not writable):
+                    page, op = odd[i % len(odd)], "read"
                 else:
-                    page, op = rng.choice([p for p in pages if p not in odd] or pages), "write"
-                sector = page * lay.pps + lay.pps - 1  # the last sector: the scribble stays
+                    page, op = rng.choice(writable), "write"
+                sector = page * lay.pps + lay.pps - 1
                 probe.call(op, sector, 1)
                 targets.append(_table.stripe_of_sector(self.disk, sector))
             asleep = self.wait_asleep(probes, targets)
