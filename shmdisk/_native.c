@@ -71,6 +71,16 @@ enum {
 
 static unsigned long long repaired_pages = 0;
 
+/* Stripes this thread took through the Engine methods, i.e. Python's holding() (slow paths,
+ * hold_writes, resize). The one-call write takes stripes only while this is 0, as the python
+ * engine's one-page write does: a thread that holds stripes already may be re-entering from a
+ * signal handler, or be near the kernel's robust-list limit, and only Python's holding()
+ * checks those. Without this, a thread holding two disks' 2048 stripes took a 2049th here,
+ * which the kernel would not free if the thread died. The child of a fork holds none. */
+static __thread unsigned long held_here = 0;
+
+static void forget_after_fork(void) { held_here = 0; }
+
 typedef struct EngineObject {
     PyObject_HEAD
     Py_buffer meta; /* header | lock table | page map */
@@ -300,6 +310,40 @@ static uint64_t first_unit(uint64_t pa, uint64_t s) {
     return u + (s + STRIPES - u % STRIPES) % STRIPES;
 }
 
+/* The next unit of stripe `s` at or after page *p, within [first, end), whose bytes hold
+ * memory: 1, its pages in [*a, *b), and *p moved past it; or 0. Page q's bytes start at
+ * base + (q << shift) (the data area, or with shift 2 the page map). Found with SEEK_DATA
+ * alone, which skips holes at once: SEEK_HOLE walks every page of a dense run, and 1024 stripes
+ * doing so from a dead holder's intent took over a second of CPU for a 128 MiB run. Mirrors
+ * _units_with_memory in _pageio.py. */
+static int next_unit(EngineObject *e, uint64_t base, uint64_t shift, uint64_t s, uint64_t first,
+                     uint64_t end, uint64_t *p, uint64_t *a, uint64_t *b) {
+    while (*p < end) {
+        off_t d = lseek(e->fd, (off_t)(base + (*p << shift)), SEEK_DATA);
+        if (d < 0)
+            return 0; /* ENXIO: no memory at or after *p */
+        uint64_t q = ((uint64_t)d - base) >> shift;
+        if (q >= end)
+            return 0;
+        uint64_t u = first_unit(q, s); /* the unit of stripe s holding page q, or the next */
+        uint64_t lo = u << STRIPE_SHIFT;
+        if (lo < first)
+            lo = first;
+        if (lo >= end)
+            return 0;
+        if (lo > q) {
+            *p = lo; /* the memory found belongs to another stripe: look again from ours */
+            continue;
+        }
+        uint64_t hi = (u + 1) << STRIPE_SHIFT;
+        *a = lo;
+        *b = hi < end ? hi : end;
+        *p = (u + STRIPES) << STRIPE_SHIFT;
+        return 1;
+    }
+    return 0;
+}
+
 /* The holder of stripe `s` died: put right what it may have left, before anyone else gets
  * the stripe. For the pages of its intent that belong to `s`: an odd counter is made even;
  * a page that is not MAPPED is punched (a first write, discard or shrink cut short may have
@@ -314,68 +358,34 @@ static void repair(EngineObject *e, uint64_t s) {
     if (count > e->max_pages - first)
         count = e->max_pages - first;
     uint64_t end = first + count;
-    /* 1. Odd counters, where the page map holds memory. */
-    off_t lo = (off_t)(MAP_OFFSET + first * 4), hi = (off_t)(MAP_OFFSET + end * 4);
-    while (lo < hi) {
-        off_t d = lseek(e->fd, lo, SEEK_DATA);
-        if (d < 0 || d >= hi)
-            break;
-        off_t h = lseek(e->fd, d, SEEK_HOLE);
-        if (h < 0 || h > hi)
-            h = hi;
-        uint64_t pa = ((uint64_t)d - MAP_OFFSET) / 4, pb = ((uint64_t)h - MAP_OFFSET + 3) / 4;
-        if (pa < first)
-            pa = first;
-        if (pb > end)
-            pb = end;
-        unsigned char *known = (unsigned char *)e->known.buf;
-        for (uint64_t g = pa >> MAP_PAGE_SHIFT; pa < pb && g <= (pb - 1) >> MAP_PAGE_SHIFT; g++)
-            known[g] = 1;
-        for (uint64_t u = first_unit(pa, s); (u << STRIPE_SHIFT) < pb; u += STRIPES) {
-            uint64_t a = u << STRIPE_SHIFT, b = a + (1u << STRIPE_SHIFT);
-            for (uint64_t p = a < pa ? pa : a; p < b && p < pb; p++) {
-                uint32_t w = words(e)[p];
-                if (w & 1) {
-                    store_word(e, p, (w & FLAGS) | ((w + 1) & SEQ_MASK));
-                    repaired_pages++;
-                }
+    unsigned char *known = (unsigned char *)e->known.buf;
+    uint64_t p, a, b;
+    /* A unit (16 words) lies within one page of the map, so one flag of `known` covers it.
+     * 1. Odd counters, in the units of stripe s whose words hold memory (4 bytes a page). */
+    p = first;
+    while (next_unit(e, MAP_OFFSET, 2, s, first, end, &p, &a, &b)) {
+        known[a >> MAP_PAGE_SHIFT] = 1;
+        for (uint64_t pg = a; pg < b; pg++) {
+            uint32_t w = words(e)[pg];
+            if (w & 1) {
+                store_word(e, pg, (w & FLAGS) | ((w + 1) & SEQ_MASK));
+                repaired_pages++;
             }
         }
-        lo = h > lo ? h : lo + 1;
     }
-    /* 2. Memory of pages that are not mapped, where the data area holds memory. */
-    uint64_t shift = e->page_shift;
-    lo = (off_t)(e->data_offset + (first << shift));
-    hi = (off_t)(e->data_offset + (end << shift));
-    while (lo < hi) {
-        off_t d = lseek(e->fd, lo, SEEK_DATA);
-        if (d < 0 || d >= hi)
-            break;
-        off_t h = lseek(e->fd, d, SEEK_HOLE);
-        if (h < 0 || h > hi)
-            h = hi;
-        uint64_t pa = ((uint64_t)d - e->data_offset) >> shift;
-        uint64_t pb = ((uint64_t)h - e->data_offset + (1ull << shift) - 1) >> shift;
-        if (pb > end)
-            pb = end;
-        for (uint64_t u = first_unit(pa, s); (u << STRIPE_SHIFT) < pb; u += STRIPES) {
-            uint64_t a = u << STRIPE_SHIFT, b = a + (1u << STRIPE_SHIFT);
-            if (a < pa)
-                a = pa;
-            if (b > pb)
-                b = pb;
-            uint64_t run = 0;
-            for (uint64_t p = a; p < b; p++) {
-                if (!(load_word(e, p) & MAPPED)) {
-                    run++;
-                    continue;
-                }
-                punch(e, p - run, run);
-                run = 0;
+    /* 2. Memory of pages that are not mapped, in the units of stripe s that hold memory. */
+    p = first;
+    while (next_unit(e, e->data_offset, e->page_shift, s, first, end, &p, &a, &b)) {
+        uint64_t run = 0;
+        for (uint64_t pg = a; pg < b; pg++) {
+            if (!(load_word(e, pg) & MAPPED)) {
+                run++;
+                continue;
             }
-            punch(e, b - run, run);
+            punch(e, pg - run, run);
+            run = 0;
         }
-        lo = h > lo ? h : lo + 1;
+        punch(e, b - run, run);
     }
 }
 
@@ -543,6 +553,8 @@ static int do_write(EngineObject *e, long long off, Views *v) {
     for (uint64_t g = p0 >> MAP_PAGE_SHIFT; g <= (p1 - 1) >> MAP_PAGE_SHIFT; g++)
         if (!known[g])
             return ST_SLOW;
+    if (held_here)
+        return ST_SLOW; /* this thread holds stripes already: Python checks (see held_here) */
     StripeSet ss = stripes_for(p0, p1);
     int rc = try_set(e, &ss, p0, n);
     if (rc == EBUSY)
@@ -780,7 +792,10 @@ static PyObject *Engine_trylock(EngineObject *e, PyObject *args) {
     unsigned long long s;
     if (stripe_arg(e, args, &s, 1) < 0)
         return NULL;
-    return PyLong_FromLong(try_stripe(e, s));
+    int rc = try_stripe(e, s);
+    if (rc == 0)
+        held_here++;
+    return PyLong_FromLong(rc);
 }
 
 /* lock(stripe, timeout_ns) -> 0 or an errno (ETIMEDOUT, ...). Waits without the GIL. */
@@ -810,6 +825,8 @@ static PyObject *Engine_lock(EngineObject *e, PyObject *args) {
         repair(e, s);
         rc = pthread_mutex_consistent(m);
     }
+    if (rc == 0)
+        held_here++;
     return PyLong_FromLong(rc);
 }
 
@@ -822,6 +839,8 @@ static PyObject *Engine_unlock(EngineObject *e, PyObject *args) {
         errno = rc;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
+    if (held_here)
+        held_here--;
     Py_RETURN_NONE;
 }
 
@@ -926,6 +945,10 @@ static struct PyModuleDef native_module = {
 PyMODINIT_FUNC PyInit__native(void) {
     if (PyType_Ready(&EngineType) < 0)
         return NULL;
+    if (pthread_atfork(NULL, NULL, forget_after_fork) != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "pthread_atfork failed");
+        return NULL;
+    }
     PyObject *m = PyModule_Create(&native_module);
     if (!m)
         return NULL;

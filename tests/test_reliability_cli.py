@@ -37,7 +37,16 @@ def test_failure_exits_one(capsys: pytest.CaptureFixture[str]) -> None:
     assert "torture: FAIL" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv", [["nonsense"], ["torture", "-p", "1"], ["kill", "-d", "0"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["nonsense"],
+        ["torture", "-p", "1"],
+        ["kill", "-d", "0"],
+        ["torture", "--engines", "both"],
+        ["kill", "--min-kills", "-1"],
+    ],
+)
 def test_bad_usage_exits_two(argv: list[str]) -> None:
     """Unknown scenarios and impossible options are usage errors (exit 2)."""
     with pytest.raises(SystemExit) as e:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 import stress  # tools/stress, on pytest's pythonpath (pyproject.toml)
+from _engines_choice import ENGINES
 
 import shmdisk
 
@@ -29,7 +30,9 @@ OPS: dict[str, Callable[[shmdisk.Disk], object]] = {
 
 def test_resize_and_destroy_under_load() -> None:
     """Resizer, destroyer and I/O processes for 3 s: no signal deaths, no untyped errors."""
-    r = stress.run_resize_destroy(stress.Options(duration=3.0, processes=4, seed=4))
+    r = stress.run_resize_destroy(
+        stress.Options(duration=3.0, processes=4, seed=4, engines=ENGINES)
+    )
     assert r.ok, r.problems
     f = r.figures
     assert f["signal_deaths"] == 0 and f["hangs"] == 0 and f["untyped_errors"] == 0

@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from . import _engines
 from ._common import (
     Options,
     Result,
@@ -15,17 +16,33 @@ from ._common import (
 from .enospc import run_enospc
 from .hostile import run_hostile
 from .kill import run_kill
+from .nt_writes import run_nt_writes
 from .permissions import run_permissions
+from .read_only import run_read_only
 from .resize_destroy import run_resize_destroy
+from .stopped import run_stopped
 from .torture import run_torture
 
 #: Version of the --json document, as in shmdisk's own --json: bumped when a key changes meaning.
 JSON_VERSION = 1
-SCENARIOS = ("torture", "kill", "resize-destroy", "enospc", "hostile", "permissions")
+SCENARIOS = (
+    "torture",
+    "kill",
+    "stopped",
+    "nt-writes",
+    "read-only",
+    "resize-destroy",
+    "enospc",
+    "hostile",
+    "permissions",
+)
 
 RUNNERS: dict[str, Callable[[Options], Result]] = {
     "torture": run_torture,
     "kill": run_kill,
+    "stopped": run_stopped,
+    "nt-writes": run_nt_writes,
+    "read-only": run_read_only,
     "resize-destroy": run_resize_destroy,
     "enospc": run_enospc,
     "hostile": run_hostile,
@@ -53,13 +70,18 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="scenarios:\n"
         "  torture         random overlapping reads/writes, every read checked for tearing\n"
-        "  kill            SIGKILL writers mid-write and holding locks; survivors must go on\n"
+        "  kill            SIGKILL victims mid-write, holding up to 128 or all 1024 stripes;\n"
+        "                  survivors must recover (timed), no stripe may be left stuck\n"
+        "  stopped         a SIGSTOPped stripe holder: timeouts, wait=False, Ctrl-C, SIGCONT\n"
+        "  nt-writes       2-8 MiB writes on glibc's non-temporal path vs lock-free readers\n"
+        "  read-only       read-only readers beside writers killed mid-write; never stall\n"
+        "                  and never hold up the owner, even when SIGSTOPped\n"
         "  resize-destroy  resize and destroy/re-create under I/O; no signal deaths\n"
         "  enospc          fill a private small tmpfs over /dev/shm (root, unshare -m)\n"
         "  hostile         bad arguments vs a model; forged segment headers (child process)\n"
         "  permissions     uid 65534 vs root's 0600..0666 disks; owner trust (root)\n"
         "  all             every scenario in turn\n\n"
-        "example: python3 tools/stress torture --duration 60 --processes 4",
+        "example: python3 tools/stress torture --duration 60 --processes 4 --engines mixed",
     )
     ap.add_argument("scenario", choices=[*SCENARIOS, "all"], help="what to run")
     ap.add_argument(
@@ -70,11 +92,28 @@ def main(argv: list[str] | None = None) -> int:
         "--processes",
         type=int,
         default=4,
-        help="processes (default 4). torture: workers; kill: half are victims, the rest "
-        "read, plus one writer and one resizer; resize-destroy: N-2 (at least 2) do I/O "
-        "besides the resizer and the destroyer",
+        help="processes (default 4). torture: workers; kill: half are writer victims, the "
+        "rest read, plus one survivor writer, one resize victim, holders and two probes; "
+        "nt-writes: half write, half read; read-only: N-1 (at least 2) read-only readers "
+        "besides the owner, two victims and two probes; resize-destroy: N-2 (at least 2) do "
+        "I/O besides the resizer and the destroyer",
     )
     ap.add_argument("--seed", type=int, help="random seed (default: a fresh one)")
+    ap.add_argument(
+        "--engines",
+        choices=_engines.CHOICES,
+        default="inherit",
+        help="page-I/O engine of the child processes: inherit (this process's environment: "
+        "native unless SHMDISK_NO_EXTENSIONS=1), native, python, or mixed (alternating, on "
+        "one disk; per-engine figures). Default inherit",
+    )
+    ap.add_argument(
+        "--min-kills",
+        type=int,
+        default=0,
+        help="kill, read-only: go on past --duration until this many kills were done (at "
+        "most 3x the duration), so a loaded machine still gets them all",
+    )
     ap.add_argument(
         "--window-at",
         type=int,
@@ -104,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         "--churn",
         action="store_true",
         help="torture: each of --threads runs short-lived threads one after another on the "
-        "shared handle (a thread's lock descriptor is closed when it ends)",
+        "shared handle (a thread that ends must leave no stripe held, nothing open)",
     )
     ap.add_argument(
         "--threads",
@@ -130,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--large-mib",
         type=float,
-        default=4.0,
-        help="kill: size of each victim's large write in MiB (default 4)",
+        default=8.0,
+        help="kill: a writer victim's largest write in MiB (default 8: 128 stripes of "
+        "64 KiB); each write covers 1 stripe up to that",
     )
     ap.add_argument(
         "--examples",
@@ -157,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.duration <= 0 or args.processes < 2:
         ap.error("--duration must be > 0 and --processes at least 2")
+    if args.min_kills < 0:
+        ap.error("--min-kills must be >= 0")
     stream = sys.stderr if args.json else sys.stdout
 
     def say(line: str) -> None:
@@ -180,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         discard=args.discard,
         churn=args.churn,
         sector_size=args.sector_size,
+        engines=args.engines,
+        min_kills=args.min_kills,
     )
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     results = []

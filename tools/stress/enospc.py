@@ -16,6 +16,7 @@ import stamp
 
 import shmdisk
 
+from . import _engines
 from ._common import (
     Options,
     Result,
@@ -31,6 +32,7 @@ def enospc_child(duration: float, seed: int) -> dict[str, Any]:
     """
     rng = random.Random(seed)
     fig: dict[str, Any] = {
+        "engine": shmdisk.ENGINE,
         "rounds": 0,
         "disk_full_errors": 0,
         "failed_writes_left_data": 0,
@@ -205,6 +207,10 @@ def _record(written: list[tuple[int, int, int]], seq: int, start: int, count: in
 def run_enospc(opt: Options) -> Result:
     """Fill a private small tmpfs over /dev/shm (unshare -m) and check every ENOSPC."""
     r = Result("enospc")
+    bad = _engines.problem(opt.engines)
+    if bad:
+        r.fail(bad)
+        return r
     t0 = time.monotonic()
     if os.geteuid() != 0:
         r.skipped = "needs root for unshare -m and mount"
@@ -239,17 +245,36 @@ def run_enospc(opt: Options) -> Result:
     if probe.returncode != 0:
         r.skipped = f"unshare -m not permitted here: {probe.stderr.strip()}"
         return r
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=opt.duration + 120)
-    except subprocess.TimeoutExpired:
-        r.fail("the ENOSPC child hung")
-        return r
+    # One child per engine of the plan (mixed: native, then python), sharing the duration.
+    engines = ["native", "python"] if opt.engines == "mixed" else [opt.engines]
+    cmd[-2] = str(opt.duration / len(engines))
+    for engine in engines:
+        try:
+            with _engines.child_env(engine):
+                proc = subprocess.run(
+                    cmd, capture_output=True, text=True, timeout=opt.duration + 120
+                )
+        except subprocess.TimeoutExpired:
+            r.fail(f"the ENOSPC child ({engine}) hung")
+            return r
+        if proc.returncode != 0:
+            r.fail(f"ENOSPC child ({engine}) exit {proc.returncode}: {proc.stderr.strip()[-2000:]}")
+            return r
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        _merge(r.figures, out["figures"])
+        for p in out["problems"]:
+            r.fail(f"{engine}: {p}")
     r.seconds = time.monotonic() - t0
-    if proc.returncode != 0:
-        r.fail(f"ENOSPC child exit {proc.returncode}: {proc.stderr.strip()[-2000:]}")
-        return r
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    r.figures = out["figures"]
-    for p in out["problems"]:
-        r.fail(p)
     return r
+
+
+def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    """Add one child's figures to the others': counts add up; other values that differ are
+    shown side by side (native / python)."""
+    for k, v in new.items():
+        if k not in into or into[k] is None:
+            into[k] = v
+        elif isinstance(v, int) and not isinstance(v, bool) and k != "tmpfs_bytes":
+            into[k] += v
+        elif into[k] != v:
+            into[k] = f"{into[k]} / {v}"

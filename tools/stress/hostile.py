@@ -102,6 +102,16 @@ def hostile_api(examples: int, seed: int) -> dict[str, Any]:
         st.sampled_from(["text", 7, None, [b"x" * ss, "no"], (bytearray(ss), 3)]),
     )
 
+    # wait= and timeout= of read/write (and timeout= of hold_writes): a bad timeout is refused
+    # before anything happens; on an idle disk a good one changes nothing.
+    timeouts = st.sampled_from(
+        [None, 0, 0.0, -0.0, 0.5, 10**9, float("inf"), -1, -1e-9, float("nan"), True, "1", [1]]
+    )
+    waits = st.sampled_from([{}, {"wait": True}, {"wait": False}])
+    extras: st.SearchStrategy[dict[str, Any]] = st.one_of(
+        st.just({}), waits, timeouts.map(lambda t: {"timeout": t})
+    )
+
     @settings(
         max_examples=examples,
         deadline=None,
@@ -123,16 +133,24 @@ def hostile_api(examples: int, seed: int) -> dict[str, Any]:
                 "seek_unmapped",
                 "extents",
                 "resize",
+                "hold_writes",
             ]
         ),
         a=sectors,
         b=sectors,
         bufs=buffers,
+        kw=extras,
     )
-    def one(handle: str, op: str, a: Any, b: Any, bufs: Any) -> None:
+    def one(handle: str, op: str, a: Any, b: Any, bufs: Any, kw: dict[str, Any]) -> None:
         d = {"rw": disk, "ro": ro, "gone": gone}[handle]
         fig["calls"] += 1
+        if op not in ("read", "write", "read_at", "write_at", "hold_writes"):
+            kw = {}
+        elif op == "hold_writes":
+            kw = {k: v for k, v in kw.items() if k == "timeout"}
         expect, apply = _predict(op, handle, a, b, bufs, ss, len(model) // ss)
+        if expect != "error" and not _timeout_ok(kw.get("timeout")):
+            expect = "error"
         if expect == "skip":
             return
         before = device()
@@ -140,11 +158,11 @@ def hostile_api(examples: int, seed: int) -> dict[str, Any]:
             note(f"device differs from the model before {op}")
             model[:] = before
         try:
-            ret = _call(d, op, a, b, bufs)
+            ret = _call(d, op, a, b, bufs, kw)
         except shmdisk.ShmdiskError as e:
             fig["rejected_typed"] += 1
             if expect == "ok":
-                note(f"{handle}.{op}({a!r}, {b!r}, {_desc(bufs)}) rejected: {e!r}")
+                note(f"{handle}.{op}({a!r}, {b!r}, {_desc(bufs)}, {kw}) rejected: {e!r}")
             fig["device_checks"] += 1
             if device() != bytes(model):
                 note(f"{handle}.{op}({a!r}, {b!r}, {_desc(bufs)}) failed but changed the disk")
@@ -156,7 +174,7 @@ def hostile_api(examples: int, seed: int) -> dict[str, Any]:
             return
         fig["accepted"] += 1
         if expect == "error":
-            note(f"{handle}.{op}({a!r}, {b!r}, {_desc(bufs)}) succeeded, expected an error")
+            note(f"{handle}.{op}({a!r}, {b!r}, {_desc(bufs)}, {kw}) succeeded, expected an error")
             model[:] = device()
             return
         problem = apply(model, ret, bufs)
@@ -341,6 +359,9 @@ def _predict(
             return None if s == hi else f"extents end at {s}, not {hi}"
 
         return "ok", ext
+    if op == "hold_writes":
+        # Holds every writer off for an empty block: only a read-write handle can.
+        return ("error" if handle == "ro" else "ok"), nothing
     if op == "resize":
         # The model keeps one size, so a valid resize is only tried to the current size; other
         # valid sizes are skipped (a resize to 2**31 sectors is legal, and reading that disk
@@ -367,9 +388,19 @@ def _apply_io(op: str, off: int, items: list[Any]) -> Callable[[bytearray, Any, 
     return apply
 
 
-def _call(d: shmdisk.Disk, op: str, a: Any, b: Any, bufs: Any) -> Any:
+def _timeout_ok(t: Any) -> bool:
+    """Whether ``timeout=t`` is one the API takes: None or a number >= 0 (not a bool, not NaN)."""
+    if t is None:
+        return True
+    return not isinstance(t, bool) and isinstance(t, (int, float)) and t >= 0
+
+
+def _call(d: shmdisk.Disk, op: str, a: Any, b: Any, bufs: Any, kw: dict[str, Any]) -> Any:
     if op in ("read", "write", "read_at", "write_at"):
-        return getattr(d, op)(a, bufs)
+        return getattr(d, op)(a, bufs, **kw)
+    if op == "hold_writes":
+        with d.hold_writes(**kw):
+            return None
     if op in ("discard", "write_zeroes"):
         return getattr(d, op)(a, b)
     if op in ("seek_mapped", "seek_unmapped", "resize"):

@@ -17,12 +17,14 @@ import stamp
 
 import shmdisk
 
+from . import _engines
 from ._common import (
     SPAWN,
     Options,
     Result,
     join_all,
     progress_loop,
+    start_together,
     unique_name,
 )
 from ._requests import read_request, write_request
@@ -30,8 +32,11 @@ from ._requests import read_request, write_request
 _R_OPS, _R_OOR, _R_DISC, _R_NOTFOUND, _R_CORRUPT, _R_STALE, _R_UNTYPED, _R_FIELDS = range(8)
 
 
-def _rd_worker(name: str, idx: int, seed: int, stop_at: float, gen: Any, counts: Any) -> None:
+def _rd_worker(
+    name: str, idx: int, seed: int, run: tuple[Any, int, float], gen: Any, counts: Any
+) -> None:
     """Random I/O that survives its disk being resized, destroyed and re-created."""
+    stop_at = start_together(*run)
     rng = random.Random(seed)
     base = idx * _R_FIELDS
     disk: shmdisk.Disk | None = None
@@ -87,7 +92,10 @@ def _rd_worker(name: str, idx: int, seed: int, stop_at: float, gen: Any, counts:
         disk.disconnect()
 
 
-def _resizer(name: str, seed: int, stop_at: float, lo: int, hi: int, counts: Any) -> None:
+def _resizer(
+    name: str, seed: int, run: tuple[Any, int, float], lo: int, hi: int, counts: Any
+) -> None:
+    stop_at = start_together(*run)
     rng = random.Random(seed)
     disk: shmdisk.Disk | None = None
     while time.monotonic() < stop_at:
@@ -118,9 +126,16 @@ def _resizer(name: str, seed: int, stop_at: float, lo: int, hi: int, counts: Any
 
 
 def _destroyer(
-    name: str, seed: int, stop_at: float, size: int, max_size: int, gen: Any, counts: Any
+    name: str,
+    seed: int,
+    run: tuple[Any, int, float],
+    size: int,
+    max_size: int,
+    gen: Any,
+    counts: Any,
 ) -> None:
     """Destroy and re-create; every operation on the old handle must raise DisconnectedError."""
+    stop_at = start_together(*run)
     rng = random.Random(seed)
     buf = bytearray(512)
     ops: list[tuple[str, Callable[[shmdisk.Disk], object]]] = [
@@ -144,8 +159,10 @@ def _destroyer(
             old = shmdisk.connect(name, create=False)
         except shmdisk.DiskNotFoundError:
             old = None
-        gen.value += 1
         shmdisk.destroy(name)
+        # Only now: a worker that reads the new generation before connecting must never reach
+        # the incarnation being destroyed (its data would look stale to that worker).
+        gen.value += 1
         counts[0] += 1
         if old is not None:
             label, fn = rng.choice(ops)
@@ -166,7 +183,7 @@ def _destroyer(
 _D_ROUNDS, _D_OK, _D_DISC, _D_UNTYPED, _D_HANGS, _D_FIELDS = range(6)
 
 
-def _disconnector(seed: int, stop_at: float, counts: Any, errors: Any) -> None:
+def _disconnector(seed: int, run: tuple[Any, int, float], counts: Any, errors: Any) -> None:
     """Threads do I/O on one handle while the main thread disconnects it under them.
 
     A call racing ``disconnect`` must complete or raise ``DisconnectedError``; anything else
@@ -175,6 +192,7 @@ def _disconnector(seed: int, stop_at: float, counts: Any, errors: Any) -> None:
     rng = random.Random(seed)
     name = unique_name("disc")
     base = shmdisk.create(name, 4096)
+    stop_at = start_together(*run)
     seen: set[str] = set()
     try:
         base.write(0, os.urandom(4096 * 512))
@@ -229,6 +247,10 @@ def _disconnector(seed: int, stop_at: float, counts: Any, errors: Any) -> None:
 def run_resize_destroy(opt: Options) -> Result:
     """Resize and destroy/re-create under I/O: no signal deaths, typed errors only."""
     r = Result("resize-destroy")
+    bad = _engines.problem(opt.engines)
+    if bad:
+        r.fail(bad)
+        return r
     rng = opt.rng(3)
     n_io = max(2, opt.processes - 2)
     lo, hi, max_size = 8, 4096, 8192
@@ -239,34 +261,33 @@ def run_resize_destroy(opt: Options) -> Result:
     counts = SPAWN.Array(ctypes.c_int64, n_io * _R_FIELDS, lock=False)
     rcounts = SPAWN.Array(ctypes.c_int64, 4, lock=False)
     dcounts = SPAWN.Array(ctypes.c_int64, 32, lock=False)
-    stop_at = time.monotonic() + opt.duration + 2.0
+    n_procs = n_io + 3
+    run = (SPAWN.Value(ctypes.c_int64, 0, lock=True), n_procs, opt.duration)
     procs = [
-        SPAWN.Process(
-            target=_rd_worker, args=(name, i, rng.randrange(1 << 30), stop_at, gen, counts)
-        )
+        SPAWN.Process(target=_rd_worker, args=(name, i, rng.randrange(1 << 30), run, gen, counts))
         for i in range(n_io)
     ]
     procs.append(
-        SPAWN.Process(
-            target=_resizer, args=(name, rng.randrange(1 << 30), stop_at, lo, hi, rcounts)
-        )
+        SPAWN.Process(target=_resizer, args=(name, rng.randrange(1 << 30), run, lo, hi, rcounts))
     )
     discounts = SPAWN.Array(ctypes.c_int64, _D_FIELDS, lock=False)
     diserrors = SPAWN.Queue()
     procs.append(
         SPAWN.Process(
-            target=_disconnector, args=(rng.randrange(1 << 30), stop_at, discounts, diserrors)
+            target=_disconnector, args=(rng.randrange(1 << 30), run, discounts, diserrors)
         )
     )
     procs.append(
         SPAWN.Process(
             target=_destroyer,
-            args=(name, rng.randrange(1 << 30), stop_at, 1024, max_size, gen, dcounts),
+            args=(name, rng.randrange(1 << 30), run, 1024, max_size, gen, dcounts),
         )
     )
     try:
-        for p in procs:
-            p.start()
+        # Every process alternates engines with --engines mixed: I/O, resizer, disconnector
+        # and destroyer of either engine share the disk.
+        for i, p in enumerate(procs):
+            _engines.start(p, _engines.plan(opt.engines, i))
 
         def line() -> str:
             ops = sum(counts[i * _R_FIELDS + _R_OPS] for i in range(n_io))
@@ -275,7 +296,7 @@ def run_resize_destroy(opt: Options) -> Result:
                 f"disconnected {sum(counts[i * _R_FIELDS + _R_DISC] for i in range(n_io))}"
             )
 
-        progress_loop(opt, "resize-destroy", procs, stop_at, line)
+        progress_loop(opt, "resize-destroy", procs, None, line)
         stuck = join_all(procs, 30)
     finally:
         shmdisk.destroy(name)
@@ -285,6 +306,7 @@ def run_resize_destroy(opt: Options) -> Result:
         return sum(counts[i * _R_FIELDS + f] for i in range(n_io))
 
     r.figures = {
+        "engines": opt.engines,
         "io_processes": n_io,
         "io_ops": tot(_R_OPS),
         "grows": rcounts[0],

@@ -1,5 +1,6 @@
 """torture: N processes of random overlapping reads and writes; every sector is stamped
-(tools/stamp.py) and every read is checked for tearing."""
+(tools/stamp.py) and every read is checked for tearing. With ``--engines mixed`` the processes
+alternate between the native and the python engine on one disk."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import stamp
 
 import shmdisk
 
+from . import _engines, _table
 from ._common import (
     SPAWN,
     Options,
@@ -177,21 +179,28 @@ def _block_op(
         n = min(rng.randint(1, 3), nblocks - b)
         buf = read_request(disk, start, n * blen, rng)
         c[_T_READS] += 1
-        v = stamp.parse(buf, start, ss)
-        bad = v.corrupt[:1]
-        for k in range(n):
-            labels = set(v.labels[k * blen : (k + 1) * blen].tolist())
-            if labels == {-1}:
-                continue
-            if len(labels) == 1:
-                (lab,) = labels
-                if lab >= 0 and v.keys[lab][2:] == (start + k * blen, blen):
-                    continue
-            bad.append(f"block at {start + k * blen} is neither one request nor zeros")
+        bad, corrupt = judge_blocks(buf, start, blen, n, ss)
         if bad:
-            c[_T_TORN if not v.corrupt else _T_CORRUPT] += 1
+            c[_T_CORRUPT if corrupt else _T_TORN] += 1
             if len(problems) < 5:
                 problems.append(bad[0])
+
+
+def judge_blocks(buf: bytearray, start: int, blen: int, n: int, ss: int) -> tuple[list[str], bool]:
+    """What is wrong with a read of ``n`` blocks of ``blen`` sectors from sector ``start``, each
+    of which may only ever hold one whole request or zeros; and whether a sector was corrupt."""
+    v = stamp.parse(buf, start, ss)
+    bad = v.corrupt[:1]
+    for k in range(n):
+        labels = set(v.labels[k * blen : (k + 1) * blen].tolist())
+        if labels == {-1}:
+            continue
+        if len(labels) == 1:
+            (lab,) = labels
+            if lab >= 0 and v.keys[lab][2:] == (start + k * blen, blen):
+                continue
+        bad.append(f"block at {start + k * blen} is neither one request nor zeros")
+    return bad, bool(v.corrupt)
 
 
 def _torture_worker(
@@ -214,7 +223,12 @@ def _torture_worker(
     ``size`` is the disk's full size: with resizes on, what get_info() says at any moment may
     be a shrink in progress, and blocks laid out from that would straddle everyone else's.
     """
-    res: dict[str, Any] = {"wid": wid, "problems": [], "error": None}
+    res: dict[str, Any] = {
+        "wid": wid,
+        "problems": [],
+        "error": None,
+        "engine": _engines.running(),
+    }
     t_start = t_end = time.monotonic()
     errors: list[str] = []
     try:
@@ -253,8 +267,9 @@ def _torture_worker(
                         window,
                     )
                     return
-                # Thread churn: short-lived threads, one after another, on the shared handle;
-                # each ends after a moment, and its lock descriptor is closed when it does.
+                # Thread churn: short-lived threads, one after another, on the shared handle.
+                # A mutex belongs to a thread (its robust list, its thread id in the futex
+                # word), so each thread that ends must leave nothing held and nothing open.
                 rng = random.Random(seed * 131 + t)
                 gen = 0
                 while time.monotonic() < stop_at:
@@ -304,6 +319,10 @@ def _torture_worker(
 def run_torture(opt: Options) -> Result:
     """N processes of random overlapping reads and writes; every read checked for tearing."""
     r = Result("torture")
+    bad = _engines.problem(opt.engines)
+    if bad:
+        r.fail(bad)
+        return r
     ss = opt.sector_size
     rng = opt.rng(1)
     pps = 4096 // ss if ss < 4096 else 1
@@ -338,19 +357,31 @@ def run_torture(opt: Options) -> Result:
             )
             for w in range(n)
         ]
-        for p in procs:
-            p.start()
+        planned = [_engines.resolve(_engines.plan(opt.engines, w)) for w in range(n)]
+        for w, p in enumerate(procs):
+            _engines.start(p, planned[w])
         progress_loop(opt, "torture", procs, None, lambda: _torture_line(counters, slots, t0))
         results = drain(out, n, timeout=30)
         stuck = join_all(procs, 10)
+        # Everyone is gone: no stripe may be left held (by a thread that ended, say).
+        with shmdisk.connect(name, create=False) as d:
+            left_held = len(_table.stuck_stripes(d, patience=0.5))
     r.seconds = time.monotonic() - t0
     totals = [
         sum(res.get("counts", [0] * _T_FIELDS)[i] for res in results) for i in range(_T_FIELDS)
     ]
     spans = [res["span"] for res in results if "span" in res]
     busy = max(0.001, max(e for _, e in spans) - min(b for b, _ in spans)) if spans else 1.0
+    ops_by_engine: dict[str, int] = {}
+    for res in results:
+        e = res["engine"]
+        ops_by_engine[e] = ops_by_engine.get(e, 0) + res.get("counts", [0] * _T_FIELDS)[_T_OPS]
+        if e != planned[res["wid"]]:
+            r.fail(f"worker {res['wid']} runs the {e} engine, not {planned[res['wid']]}")
     r.figures = {
         "processes": n,
+        "engines": opt.engines,
+        "ops_by_engine": dict(sorted(ops_by_engine.items())),
         "threads_per_process": opt.threads,
         "mode": _mode(opt),
         "disk_sectors": size,
@@ -369,6 +400,7 @@ def run_torture(opt: Options) -> Result:
         "corrupt_reads": totals[_T_CORRUPT],
         "ops_per_s": round(totals[_T_OPS] / busy),
         "seconds_of_io": round(busy, 1),
+        "stripes_left_held": left_held,
     }
     for res in results:
         if res["error"]:
@@ -382,6 +414,8 @@ def run_torture(opt: Options) -> Result:
             r.fail(f"worker pid {p.pid} exit code {p.exitcode}")
     if stuck:
         r.fail(f"{len(stuck)} workers hung")
+    if left_held:
+        r.fail(f"{left_held} stripes still held after every worker ended")
     if totals[_T_TORN] or totals[_T_CORRUPT]:
         r.fail(f"{totals[_T_TORN]} torn and {totals[_T_CORRUPT]} corrupt reads")
     if r.figures["open_fds_added_per_process"] > opt.threads + 2:
