@@ -705,6 +705,7 @@ class PageIO:
                     and not hq[_F_GONE]
                     and not hq[_F_FROZEN]
                     and end <= hq[_F_SIZE] * seg.sector_size
+                    and (m.base is None or not _chain_lost(m))
                 ):
                     wv[p0] = w | 1  # odd: lock-free readers retry or wait
                     if total >= _FENCE_BYTES:
@@ -1010,6 +1011,17 @@ class PageIO:
         seg = m.seg
         pages = -(-(self.size_sectors() * seg.sector_size) // seg.page_size)
         return _pagemap.count_mapped_fd(seg.fd, pages)
+
+
+def _chain_lost(m: Mapping) -> bool:
+    """Whether a disk under overlay ``m`` was destroyed (then every call raises, as the native
+    engine's do: writes to the overlay's own pages too)."""
+    b = m.base
+    while b is not None:
+        if b.seg.hq[_F_GONE]:
+            return True
+        b = b.base
+    return False
 
 
 def _base_has(m: Mapping, p: int) -> bool:
