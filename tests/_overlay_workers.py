@@ -175,3 +175,29 @@ def into_queue(out: Any, fn: Any, *args: Any) -> None:
         out.put(fn(*args))
     except BaseException as e:  # reported to the parent, which re-raises it
         out.put(e)
+
+
+def count_stamp(writer: int, count: int, ss: int) -> bytes:
+    """The sector a stamping writer puts at the start of each of its pages."""
+    return f"writer {writer} count {count:12}\n".encode().ljust(ss, b".")
+
+
+def stamping_writer(
+    name: str, writer: int, pages: list[int], counter: Any, ready: Any, stop: Any
+) -> int:
+    """Round after round, stamp the round's number on each of ``pages`` in ascending order,
+    one request per page; ``counter`` says the last round finished. Returns that round.
+
+    At any instant the writer's pages therefore read, in order, some number ``c`` and then
+    ``c - 1`` (one point in time); an image that shows a page after a lower-numbered one
+    with a higher number was not taken at one point in time."""
+    with shmdisk.connect(name, create=False) as d:
+        ss, spp = d.sector_size, d.page_size // d.sector_size
+        count = 0
+        ready.set()
+        while not stop.is_set():
+            count += 1
+            for p in pages:
+                d.write(p * spp, count_stamp(writer, count, ss))
+            counter.value = count
+    return count
