@@ -24,9 +24,9 @@ Names are unique across processes, pytest-xdist workers and runs: they carry the
 test's name, the run's id, the pid, the xdist worker id and a random token. When the run ends,
 the process that ends it (the xdist controller, or the only process) destroys every fixture
 disk of the run still there, overlays before the disks they are made on, so a worker that
-crashed leaves nothing behind (a golden disk that a kept overlay is made on is kept too). A disk from a
-fixture can be handed to ``multiprocessing`` workers as is: a ``Disk`` pickles by name and
-reconnects in the child.
+crashed leaves nothing behind (a golden disk that a kept overlay is made on is kept too). A
+disk from a fixture can be handed to ``multiprocessing`` workers as is: a ``Disk`` pickles by
+name and reconnects in the child.
 
 The helpers ``unique_name`` and ``assert_no_leaks`` do not need pytest, which is only a test
 dependency of shmdisk.

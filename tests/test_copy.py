@@ -16,8 +16,10 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -375,3 +377,51 @@ def test_export_by_a_user_who_may_only_read_warns_it_is_no_snapshot(
     disk.freeze()
     code, out, err = as_other_user(lambda: cli.main(["export", "--json", disk.name, "-"]))
     assert code == 0 and json.loads(err)["snapshot"] is True, err
+
+
+def can_unshare() -> bool:
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        return False
+    return subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
+
+
+FULL_CHILD = textwrap.dedent(
+    """
+    import json, os, shmdisk
+    # Runs in a private mount namespace with an 8 MiB tmpfs over /dev/shm.
+    src = shmdisk.create("src", (16 << 20) // 512)
+    src.write(0, b"\\x05" * (5 << 20))
+    before = os.statvfs("/dev/shm")
+    try:
+        shmdisk.copy("src", "dst")
+        err = None
+    except shmdisk.DiskFullError as e:
+        err = type(e).__name__
+    after = os.statvfs("/dev/shm")
+    src.write(0, b"\\x06" * 512)  # its writers are free again
+    print(json.dumps({
+        "error": err, "disks": shmdisk.list_disks(),
+        "freed": after.f_bfree == before.f_bfree,
+    }))
+    """
+)
+
+
+@pytest.mark.skipif(not can_unshare(), reason="needs root and unshare -m (mount namespaces)")
+def test_a_copy_into_a_full_tmpfs_fails_cleanly() -> None:
+    """A copy that runs out of room raises DiskFullError, leaves no disk and no memory taken,
+    and lets the source's writers go (never a SIGBUS)."""
+    script = (
+        "mount --make-rprivate / && mount -t tmpfs -o size=8m tmpfs /dev/shm && "
+        f'exec {sys.executable} -c "$CHILD"'
+    )
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script],
+        env={**os.environ, "CHILD": FULL_CHILD, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out == {"error": "DiskFullError", "disks": ["src"], "freed": True}
