@@ -412,6 +412,7 @@ class PageIO:
         # path: the native engine's calls, or the python engine's one-page paths.
         self.fast_read: Any = _slow
         self.fast_write: Any = _slow
+        self._chain: tuple[memoryview, ...] = ()
         self.attach(m)
 
     def attach(self, m: Mapping | None) -> None:
@@ -421,6 +422,14 @@ class PageIO:
             self.fast_read = self.fast_write = _slow
         elif m.native is not None:
             self.fast_read, self.fast_write = m.native.read, m.native.write
+        elif m.base is not None:
+            chain = []
+            b: Mapping | None = m.base
+            while b is not None:
+                chain.append(b.seg.hq)
+                b = b.base
+            self._chain = tuple(chain)  # the headers of the disks under it, top down
+            self.fast_read, self.fast_write = self._py_read_overlay_page, self._py_write_page
         else:
             self.fast_read, self.fast_write = self._py_read_page, self._py_write_page
 
@@ -607,21 +616,62 @@ class PageIO:
             and end <= m.cap
             and end <= hq[_F_SIZE] * seg.sector_size
             and not hq[_F_GONE]
+            and m.base is None
             and seg.known[p0 >> _MAP_SHIFT]
-            and (m.base is None or not _chain_lost(m))
         ):
             wv = seg.wv
             w = wv[p0]
             if not w & 1:
                 if w >= _MAPPED:
                     buf[:] = m.dv[off:end]
-                elif m.base is None or w & _ZEROED or p0 >= m.base_pages:
+                else:
                     zero_view(memoryview(buf))
-                elif _py_read_below(m, p0, off, end, buf):
-                    return 1
                 if wv[p0] == w:
                     return 0
         return 1
+
+    def _py_read_overlay_page(self, off: int, buf: Any) -> int:
+        """``_py_read_page`` for an overlay: the page is its own, zeros, or the page of the
+        first disk below that holds it. A disk of the chain destroyed fails every call, as
+        in the native engine (the slow path raises)."""
+        m = self.m
+        if m is None or type(buf) is list:
+            return 1
+        seg = m.seg
+        hq = seg.hq
+        end = off + len(buf)
+        p0 = off >> seg.shift
+        if not (
+            end > off >= 0
+            and (end - 1) >> seg.shift == p0
+            and end <= m.cap
+            and end <= hq[_F_SIZE] * seg.sector_size
+            and not hq[_F_GONE]
+            and seg.known[p0 >> _MAP_SHIFT]
+        ):
+            return 1
+        for below in self._chain:
+            if below[_F_GONE]:
+                return 1
+        wv = seg.wv
+        w = wv[p0]
+        if w & 1:
+            return 1
+        if w >= _MAPPED:
+            buf[:] = m.dv[off:end]
+        elif w & _ZEROED or p0 >= m.base_pages:
+            zero_view(memoryview(buf))
+        else:
+            # The commonest case written out: the base holds the page.
+            b = m.base
+            assert b is not None  # this method serves overlays only
+            bseg = b.seg
+            bw = bseg.wv[p0] if bseg.known[p0 >> _MAP_SHIFT] else 0
+            if bw >= _MAPPED and not bw & 1:
+                buf[:] = b.dv[off:end]
+            elif _py_read_below(m, p0, off, end, buf):
+                return 1
+        return 0 if wv[p0] == w else 1
 
     def _read_slow(
         self,

@@ -121,6 +121,20 @@ def check(disk: shmdisk.Disk, model: Layer, child: bool = False) -> None:
         assert in_child(w.read_all, disk.name) == model.data
 
 
+def check_pages(disk: shmdisk.Disk, model: Layer) -> None:
+    """One-page reads (the engines' fast paths), whole and in part, match the model."""
+    page = model.page_size
+    buf = bytearray(page)
+    part = bytearray(700)
+    for p in range(model.pages):
+        n = min(page, len(model.data) - p * page)
+        disk.read_at(p * page, memoryview(buf)[:n])
+        assert buf[:n] == model.data[p * page : p * page + n], p
+        if n > 1000:
+            disk.read_at(p * page + 300, part)
+            assert part == model.data[p * page + 300 : p * page + 1000], p
+
+
 # ------------------------------------------------------------------ creation
 
 
@@ -239,6 +253,7 @@ def test_first_write_copies_up_and_keeps_the_rest_of_the_page(names: Names) -> N
     ovl.write(50 * 8 + 2, b"e" * SS)
     model.write(50 * page + 2 * SS, b"e" * SS)
     check(ovl, model, child=True)
+    check_pages(ovl, model)
     assert read_all(base) == base_bytes
     assert ovl.mapped_pages() == 1 + 2 + 1 + 6 + 1 + 1
 
@@ -483,6 +498,7 @@ def test_a_chain_of_four_layers_reads_each_layer_exactly(names: Names) -> None:
         models.append(m)
     for d, m in zip(layers, models, strict=True):
         check(d, m, child=d is layers[-1])
+        check_pages(d, m)
     top = layers[-1].layer_extents()
     assert {x.layer for x in top} == {None, 0, 1, 2, 3, 4}
     assert {x.disk for x in top if x.layer is not None} == {d.name for d in layers}
