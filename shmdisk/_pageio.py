@@ -960,19 +960,16 @@ class PageIO:
             if w < _MAPPED:  # ... an overlay's base page: copied up, then partly zeroed
                 self._allocate(m, p, np.array([True]))
         # ... and the runs of whole pages whose words change: mapped ones, and in an overlay
-        # the ones that still read from the base.
+        # the ones that read data from the base. Pages that read zeros already stay so (a
+        # base is frozen), and are not visited: dropping a huge, mostly empty overlay costs
+        # no page map for its empty part.
         runs: list[tuple[int, int]] = []
         p = lo
         while p < hi:
-            if p < min(hi, base_pages):
-                q = min(hi, base_pages)
-                runs.append((p, q))
-                p = q
-                continue
-            p = _pagemap.scan(seg.fd, words, p, hi, True)
+            p = self.scan(m, p, hi, True)
             if p >= hi:
                 break
-            q = _pagemap.scan(seg.fd, words, p, hi, False)
+            q = self.scan(m, p, hi, False)
             runs.append((p, q))
             p = q
         for p, q in runs:
