@@ -285,23 +285,40 @@ def _release_after_error(m: Mapping, stripes: Sequence[int]) -> None:
 # ---------------------------------------------------------------- copying
 
 
-def fill_unshared(seg: Segment, off: int, data: memoryview) -> None:
-    """Write ``data`` at byte ``off`` of a segment that no other thread or process can see (a
-    copy being made, before it is named), and mark its pages MAPPED.
+def fill_unshared(seg: Segment, off: int, src: Mapping, n: int) -> None:
+    """Copy bytes ``[off, off + n)`` of the data of ``src`` to the same place in a segment that
+    no other thread or process can see (a copy being made, before it is named), and mark its
+    pages MAPPED. ``src``'s bytes there must not change meanwhile.
 
     Nobody reads or writes such a segment, so there are no locks to take and no counters to
-    make odd; its data goes in with ``pwrite``, which allocates the pages it fills without
-    zeroing them first or mapping them, about twice as fast as allocating (``fallocate``),
-    populating and copying into the mapping, and fails cleanly on a full tmpfs. The pages'
-    bytes outside ``data`` must be zeros: tmpfs fills the rest of a new page with zeros.
+    make odd. The bytes go from file to file in the kernel (``copy_file_range``): tmpfs
+    allocates the pages it fills without zeroing them first, nothing is mapped or faulted in
+    on either side, and a full tmpfs fails cleanly (ENOSPC). That runs about twice as fast as
+    allocating (``fallocate``), populating and copying through the mappings, and faster than
+    ``cp``. The pages' bytes outside the range must be zeros: tmpfs fills the rest of a new
+    page with zeros.
     """
     shift = seg.shift
-    p0, p1 = off >> shift, ((off + len(data) - 1) >> shift) + 1
+    p0, p1 = off >> shift, ((off + n - 1) >> shift) + 1
     allocate_map(seg, p0, p1)
     done = 0
     try:
-        while done < len(data):
-            done += os.pwrite(seg.fd, data[done:], seg.data_offset + off + done)
+        while done < n:
+            try:
+                k = os.copy_file_range(
+                    src.seg.fd,
+                    seg.fd,
+                    n - done,
+                    src.seg.data_offset + off + done,
+                    seg.data_offset + off + done,
+                )
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                k = 0
+            if k == 0:  # not between these files: through the source's mapping instead
+                k = os.pwrite(seg.fd, src.dv[off + done : off + n], seg.data_offset + off + done)
+            done += k
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise DiskFullError(f"disk {seg.name!r}: no space left in /dev/shm for the copy") from e

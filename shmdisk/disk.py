@@ -774,7 +774,7 @@ def _copy_data(s: Disk, d: Disk, progress: Callable[[int, int], None] | None) ->
                 lo, hi = max(a, pa << shift), min(b, pb << shift)
                 while src is not None and lo < hi:
                     n = min(hi - lo, _COPY_CHUNK)
-                    _pageio.fill_unshared(dseg, lo, src.dv[lo : lo + n])
+                    _pageio.fill_unshared(dseg, lo, src, n)
                     lo += n
                     if progress is not None:
                         progress(done + lo - a, total)

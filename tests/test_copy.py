@@ -11,6 +11,7 @@ export read slowly, fail it whenever writers move on in the middle.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import json
 import multiprocessing
@@ -425,3 +426,19 @@ def test_a_copy_into_a_full_tmpfs_fails_cleanly() -> None:
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out == {"error": "DiskFullError", "disks": ["src"], "freed": True}
+
+
+def test_copy_without_copy_file_range_goes_through_the_mapping(
+    names: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the kernel cannot copy between the two files, the copy still comes out whole."""
+
+    def refuse(*args: object) -> int:
+        raise OSError(errno.EXDEV, "cross-device")
+
+    src = shmdisk.create(names("src"), 4096)
+    model = Layer.empty(src.name, 4096)
+    random_ops(model, src, seed=81, count=40)
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    with shmdisk.copy(src.name, names("dst")) as dst:
+        assert read_all(dst) == model.data and dst.extents() == model.extents()
