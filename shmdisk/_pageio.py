@@ -429,23 +429,18 @@ class PageIO:
         # path: the native engine's calls, or the python engine's one-page paths.
         self.fast_read: Any = _slow
         self.fast_write: Any = _slow
-        self._chain: tuple[memoryview, ...] = ()
+        self._overlay: _OverlayView = _NO_OVERLAY
         self.attach(m)
 
     def attach(self, m: Mapping | None) -> None:
         """Make ``m`` the current mapping (None: disconnected)."""
         self.m = m
+        self._overlay = _NO_OVERLAY  # let go of the disks under the old mapping
         if m is None:
             self.fast_read = self.fast_write = _slow
         elif m.native is not None:
             self.fast_read, self.fast_write = m.native.read, m.native.write
         elif m.base is not None:
-            chain = []
-            b: Mapping | None = m.base
-            while b is not None:
-                chain.append(b.seg.hq)
-                b = b.base
-            self._chain = tuple(chain)  # the headers of the disks under it, top down
             self.fast_read, self.fast_write = self._py_read_overlay_page, self._py_write_page
         else:
             self.fast_read, self.fast_write = self._py_read_page, self._py_write_page
@@ -667,7 +662,11 @@ class PageIO:
             and seg.known[p0 >> _MAP_SHIFT]
         ):
             return 1
-        for below in self._chain:
+        view = self._overlay
+        if view[0] is not m:
+            view = self._overlay = _overlay_view(m)
+        _, chain, bwv, bknown, bdv = view
+        for below in chain:
             if below[_F_GONE]:
                 return 1
         wv = seg.wv
@@ -680,12 +679,9 @@ class PageIO:
             zero_view(memoryview(buf))
         else:
             # The commonest case written out: the base holds the page.
-            b = m.base
-            assert b is not None  # this method serves overlays only
-            bseg = b.seg
-            bw = bseg.wv[p0] if bseg.known[p0 >> _MAP_SHIFT] else 0
+            bw = bwv[p0] if bknown[p0 >> _MAP_SHIFT] else 0
             if bw >= _MAPPED and not bw & 1:
-                buf[:] = b.dv[off:end]
+                buf[:] = bdv[off:end]
             elif _py_read_below(m, p0, off, end, buf):
                 return 1
         return 0 if wv[p0] == w else 1
@@ -1103,6 +1099,24 @@ class PageIO:
         seg = m.seg
         pages = -(-(self.size_sectors() * seg.sector_size) // seg.page_size)
         return _pagemap.count_mapped_fd(seg.fd, pages)
+
+
+# What the python engine's one-page read of an overlay looks at, for one mapping: the mapping,
+# the headers of the disks under it (top down), and its base's page map, known flags and data
+# (a frozen disk never grows, so they stay valid).
+_OverlayView = tuple[Any, tuple[memoryview, ...], memoryview, bytearray, memoryview]
+_NO_OVERLAY: _OverlayView = (None, (), memoryview(b""), bytearray(), memoryview(b""))
+
+
+def _overlay_view(m: Mapping) -> _OverlayView:
+    chain = []
+    b = m.base
+    while b is not None:
+        chain.append(b.seg.hq)
+        b = b.base
+    base = m.base
+    assert base is not None
+    return (m, tuple(chain), base.seg.wv, base.seg.known, base.dv)
 
 
 def _py_read_below(m: Mapping, p: int, off: int, end: int, buf: Any) -> int:
