@@ -11,7 +11,15 @@ from dataclasses import dataclass
 
 from shmdisk._units import format_bytes
 
-__all__ = ["GLYPHS_ASCII", "GLYPHS_UNICODE", "Glyphs", "cell_fractions", "render_map"]
+__all__ = [
+    "BASE_GLYPHS_ASCII",
+    "BASE_GLYPHS_UNICODE",
+    "GLYPHS_ASCII",
+    "GLYPHS_UNICODE",
+    "Glyphs",
+    "cell_fractions",
+    "render_map",
+]
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,9 @@ class Glyphs:
 
 GLYPHS_UNICODE = Glyphs(full="\u2588", most="\u2593", some="\u2591", none="\u00b7")
 GLYPHS_ASCII = Glyphs(full="#", most="+", some="-", none=".")
+# An overlay's cells whose data comes mostly from its backing disks (``none`` is not used).
+BASE_GLYPHS_UNICODE = Glyphs(full="\u2261", most="=", some="-", none="\u00b7")
+BASE_GLYPHS_ASCII = Glyphs(full="%", most="=", some=":", none=".")
 
 
 def cell_fractions(
@@ -83,11 +94,16 @@ def render_map(
     rows: int = 8,
     glyphs: Glyphs = GLYPHS_UNICODE,
     page_size: int = 4096,
+    base_extents: Sequence[tuple[int, int, bool]] | None = None,
+    base_glyphs: Glyphs = BASE_GLYPHS_UNICODE,
 ) -> list[str]:
     """Lines of the picture: each row starts with the byte offset of its first cell.
 
     Never more cells than pages (data is tracked per page, so a finer picture would only repeat
-    itself) and never more than ``columns * rows``; a legend line ends the picture.
+    itself) and never more than ``columns * rows``; a legend line ends the picture. For an
+    overlay, ``extents`` are its own data and ``base_extents`` the data it reads from its
+    backing disks: a cell whose data is mostly the latter is drawn with ``base_glyphs``,
+    shaded by all the data it holds.
     """
     if size_sectors <= 0:
         return ["(empty disk: 0 sectors)"]
@@ -96,6 +112,13 @@ def render_map(
     cells = max(1, min(columns * rows, pages, size_sectors))
     fractions = cell_fractions(extents, size_sectors, cells)
     cells = len(fractions)
+    picks = [glyphs.pick(f) for f in fractions]
+    if base_extents is not None:
+        below = cell_fractions(base_extents, size_sectors, cells)
+        picks = [
+            base_glyphs.pick(own + base) if base > own else glyphs.pick(own + base)
+            for own, base in zip(fractions, below, strict=True)
+        ]
     per_row = min(columns, cells)
     labels = [
         format_bytes(i * size_sectors // cells * sector_size) for i in range(0, cells, per_row)
@@ -103,14 +126,19 @@ def render_map(
     width = max(len(label) for label in labels)
     lines = []
     for row, first in enumerate(range(0, cells, per_row)):
-        picture = "".join(glyphs.pick(f) for f in fractions[first : first + per_row])
+        picture = "".join(picks[first : first + per_row])
         lines.append(f"{labels[row]:>{width}} {picture}")
     cell_bytes = size_bytes / cells
     cell_text = format_bytes(int(cell_bytes))
     if cell_bytes != int(cell_bytes):
         cell_text = "~" + cell_text
-    lines.append(
-        f"{'':>{width}} {glyphs.full} data  {glyphs.most} mostly data  {glyphs.some} some data"
-        f"  {glyphs.none} hole   (one cell = {cell_text})"
-    )
+    g, b = glyphs, base_glyphs
+    if base_extents is None:
+        legend = f"{g.full} data  {g.most} mostly data  {g.some} some data"
+    else:
+        legend = (
+            f"{g.full} own data  {g.most} mostly  {g.some} some  "
+            f"{b.full} base data  {b.most} mostly  {b.some} some"
+        )
+    lines.append(f"{'':>{width}} {legend}  {g.none} hole   (one cell = {cell_text})")
     return lines

@@ -37,15 +37,17 @@ if TYPE_CHECKING:
     from types import TracebackType
     from typing import Self
 
-    from shmdisk import Disk, DiskInfo, Extent, SegmentInfo
+    from shmdisk import Disk, DiskInfo, Extent, LayerExtent, SegmentInfo
 
     from .disk import Buffer
 
 __all__ = [
     "AsyncDisk",
     "connect",
+    "copy",
     "create",
     "destroy",
+    "freeze",
     "inspect",
     "list_disks",
     "set_max_workers",
@@ -123,13 +125,15 @@ async def _run(func: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -
 
 async def create(
     name: str,
-    size_sectors: int,
-    sector_size: int = shmdisk.DEFAULT_SECTOR_SIZE,
+    size_sectors: int | None = None,
+    sector_size: int | None = None,
     *,
     mode: int = 0o600,
     max_size_sectors: int | None = None,
+    backing: str | None = None,
 ) -> AsyncDisk:
-    """``shmdisk.create`` as a coroutine; same arguments and errors."""
+    """``shmdisk.create`` as a coroutine; same arguments and errors (``backing=BASE``: an
+    overlay of the frozen disk ``BASE``)."""
     disk = await _run(
         shmdisk.create,
         name,
@@ -137,6 +141,7 @@ async def create(
         sector_size,
         mode=mode,
         max_size_sectors=max_size_sectors,
+        backing=backing,
     )
     return AsyncDisk(disk)
 
@@ -146,9 +151,29 @@ async def connect(name: str, *, read_only: bool = False, create: bool = True) ->
     return AsyncDisk(await _run(shmdisk.connect, name, read_only=read_only, create=create))
 
 
-async def destroy(name: str) -> None:
-    """``shmdisk.destroy`` as a coroutine: a missing name is not an error."""
-    await _run(shmdisk.destroy, name)
+async def destroy(name: str, *, force: bool = False) -> None:
+    """``shmdisk.destroy`` as a coroutine: a missing name is not an error; a frozen disk that
+    backs overlays raises ``DiskBusyError`` unless ``force``."""
+    await _run(shmdisk.destroy, name, force=force)
+
+
+async def freeze(name: str) -> None:
+    """``shmdisk.freeze`` as a coroutine: the disk is read-only for good."""
+    await _run(shmdisk.freeze, name)
+
+
+async def copy(
+    src: str,
+    dst: str,
+    *,
+    mode: int | None = None,
+    timeout: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> AsyncDisk:
+    """``shmdisk.copy`` as a coroutine: a point-in-time, sparse copy of ``src`` as the new disk
+    ``dst``. ``progress`` is called from the thread that copies."""
+    disk = await _run(shmdisk.copy, src, dst, mode=mode, timeout=timeout, progress=progress)
+    return AsyncDisk(disk)
 
 
 async def list_disks() -> list[str]:
@@ -216,6 +241,14 @@ class AsyncDisk:
     @property
     def sector_size(self) -> int:
         return self._disk.sector_size
+
+    @property
+    def frozen(self) -> bool:
+        return self._disk.frozen
+
+    @property
+    def backing(self) -> str | None:
+        return self._disk.backing
 
     # -- device operations: each one blocking call on the shmdisk thread pool -------------
 
@@ -287,6 +320,14 @@ class AsyncDisk:
     async def extents(self, start: int = 0, end: int | None = None) -> list[Extent]:
         """``Disk.extents``: mapped and unmapped runs covering ``[start, end)``."""
         return await _run(self._disk.extents, start, end)
+
+    async def layer_extents(self, start: int = 0, end: int | None = None) -> list[LayerExtent]:
+        """``Disk.layer_extents``: which disk of an overlay chain holds each run."""
+        return await _run(self._disk.layer_extents, start, end)
+
+    async def freeze(self) -> None:
+        """``Disk.freeze``: the disk is read-only for good, for every handle."""
+        await _run(self._disk.freeze)
 
     async def mapped_pages(self) -> int:
         """``Disk.mapped_pages``: how many pages hold data."""

@@ -775,9 +775,11 @@ def _writable(name: str) -> bool:
 
 
 def _copy_data(s: Disk, d: Disk, progress: Callable[[int, int], None] | None) -> None:
-    """Copy every page of ``s`` that may hold data into ``d`` (``s`` does not change)."""
+    """Copy every page of ``s`` that may hold data into ``d`` (``s`` does not change, ``d`` is
+    not named yet: nobody else can see it)."""
     m = s._io.current()
     seg = m.seg
+    dseg = d._io.current().seg
     ss, shift = seg.sector_size, seg.shift
     total = s.size_sectors * ss
     done = 0
@@ -790,7 +792,7 @@ def _copy_data(s: Disk, d: Disk, progress: Callable[[int, int], None] | None) ->
                 lo, hi = max(a, pa << shift), min(b, pb << shift)
                 while src is not None and lo < hi:
                     n = min(hi - lo, _COPY_CHUNK)
-                    d.write_at(lo, src.dv[lo : lo + n])
+                    _pageio.fill_unshared(dseg, lo, src, n)
                     lo += n
                     if progress is not None:
                         progress(done + lo - a, total)

@@ -9,9 +9,9 @@ command line with ``-p shmdisk.testing``. It provides:
   number of disks (``kw`` goes to ``shmdisk.create``; ``name=`` picks the name;
   ``backing=DISK`` makes an overlay of a golden disk), all destroyed after the test;
 - ``golden_disk(build, size_sectors, ...)``: makes a session fixture, a disk that ``build``
-  fills once per test run, shared read-only by every pytest-xdist worker of the run and
+  fills once per test run, then frozen and shared by every pytest-xdist worker of the run and
   destroyed when the run ends; ``overlay_disk("fixture name")`` makes a per-test fixture, a
-  writable copy-on-write overlay of it;
+  writable copy-on-write overlay of it, made in O(1) whatever the golden disk's size;
 - fixture ``shmdisk_no_leaks``: fails the test (as a teardown error) if it leaves behind a
   shmdisk segment that it or a process it started made (``assert_no_leaks`` says how that is
   told); make it autouse in a ``conftest.py`` to guard a whole suite;
@@ -23,9 +23,10 @@ command line with ``-p shmdisk.testing``. It provides:
 Names are unique across processes, pytest-xdist workers and runs: they carry the prefix, the
 test's name, the run's id, the pid, the xdist worker id and a random token. When the run ends,
 the process that ends it (the xdist controller, or the only process) destroys every fixture
-disk of the run still there, so a worker that crashed leaves nothing behind. A disk from a
-fixture can be handed to ``multiprocessing`` workers as is: a ``Disk`` pickles by name and
-reconnects in the child.
+disk of the run still there, overlays before the disks they are made on, so a worker that
+crashed leaves nothing behind (a golden disk that a kept overlay is made on is kept too). A
+disk from a fixture can be handed to ``multiprocessing`` workers as is: a ``Disk`` pickles by
+name and reconnects in the child.
 
 The helpers ``unique_name`` and ``assert_no_leaks`` do not need pytest, which is only a test
 dependency of shmdisk.
@@ -236,20 +237,12 @@ class DiskFactory(Protocol):
 
 
 # -- overlays of a golden disk --------------------------------------------------------------
-# The core is gaining copy-on-write overlays: ``shmdisk.create(name, backing=BASE)`` over a base
-# frozen by ``Disk.freeze()``. Until it has them, an "overlay" is a full copy of the base.
-
-
-def _core_has_overlays() -> bool:
-    return hasattr(_shmdisk, "freeze")
 
 
 def _freeze(disk: _shmdisk.Disk) -> None:
-    """Make a freshly built golden disk permanently read-only, in every process."""
-    # FREEZE: the one place a golden disk is frozen. Until the core has Disk.freeze() the tests
-    # get read-only handles on it, but a test connecting to it by name could still write.
-    if hasattr(disk, "freeze"):
-        disk.freeze()
+    """Make a freshly built golden disk read-only for good, in every process, so that it can
+    back overlays and no test can change it, even one that connects to it by name."""
+    disk.freeze()
 
 
 def _overlay(
@@ -259,54 +252,9 @@ def _overlay(
     sector_size: int | None,
     **kwargs: Any,
 ) -> _shmdisk.Disk:
-    """A new disk that reads as the golden disk ``base`` until written; geometry: the base's."""
-    if not _core_has_overlays():
-        return _copy_of(name, base, size_sectors, sector_size, **kwargs)
-    geometry = {"size_sectors": size_sectors, "sector_size": sector_size}
-    create_overlay: Callable[..., _shmdisk.Disk] = _shmdisk.create  # backing= is not typed yet
-    return create_overlay(
-        name, backing=base, **{k: v for k, v in geometry.items() if v is not None}, **kwargs
-    )
-
-
-_COPY_CHUNK = 1 << 20
-
-
-def _copy_of(
-    name: str,
-    base: str,
-    size_sectors: int | None,
-    sector_size: int | None,
-    **kwargs: Any,
-) -> _shmdisk.Disk:
-    """Stand-in for an overlay until the core has them: a copy of the base's mapped extents.
-
-    Delete this function, and the two lines calling it in ``_overlay``, once the core has
-    ``shmdisk.freeze``.
-    """
-    with _shmdisk.connect(base, read_only=True, create=False) as src:
-        info = src.get_info()
-        if sector_size not in (None, info.sector_size):
-            raise _shmdisk.InvalidGeometryError(
-                f"an overlay has the sector size of its base {base!r} ({info.sector_size})"
-            )
-        size = info.size_sectors if size_sectors is None else size_sectors
-        disk = _shmdisk.create(name, size, info.sector_size, **kwargs)
-        try:
-            buf = memoryview(bytearray(_COPY_CHUNK))
-            for ext in src.extents(0, min(size, info.size_sectors)):
-                pos = ext.sector * info.sector_size
-                end = pos + ext.n_sectors * info.sector_size
-                while ext.mapped and pos < end:  # holes stay holes
-                    chunk = buf[: min(len(buf), end - pos)]
-                    src.read_at(pos, chunk)
-                    disk.write_at(pos, chunk)
-                    pos += len(chunk)
-        except BaseException:
-            disk.disconnect()
-            _shmdisk.destroy(name)
-            raise
-    return disk
+    """A copy-on-write overlay of the golden disk ``base``, made in O(1): it reads as the base
+    until written and costs only what is written to it. Geometry: the base's by default."""
+    return _shmdisk.create(name, size_sectors, sector_size, backing=base, **kwargs)
 
 
 def _build_golden(
@@ -385,6 +333,36 @@ def _is_golden(config: pytest.Config, name: str) -> bool:
     return _of_this_run(config, name) and name.endswith(f"-{_run_tag(config)}")
 
 
+def _depth(name: str) -> int:
+    """How many disks lie under ``name`` in its chain of overlays (0: no overlay, or gone)."""
+    depth, seen = 0, {name}
+    while True:
+        try:
+            backing = _shmdisk.inspect(name).backing
+        except _shmdisk.ShmdiskError:
+            return depth
+        if backing is None or backing in seen:
+            return depth
+        seen.add(backing)
+        name, depth = backing, depth + 1
+
+
+def _bases_of(names: set[str]) -> set[str]:
+    """Every disk that one of ``names`` reads from, down its chain of overlays."""
+    out: set[str] = set()
+    for name in names:
+        while True:
+            try:
+                backing = _shmdisk.inspect(name).backing
+            except _shmdisk.ShmdiskError:
+                break
+            if backing is None or backing in out:
+                break
+            out.add(backing)
+            name = backing
+    return out
+
+
 def golden_disk(
     build: Callable[[_shmdisk.Disk], object],
     size_sectors: int = _shmdisk.DEFAULT_SIZE_SECTORS,
@@ -399,7 +377,8 @@ def golden_disk(
         golden = golden_disk(build_image, size_sectors=1 << 16)
 
     The first test of the run that needs the fixture, in whichever pytest-xdist worker, creates
-    the disk and calls ``build(disk)`` on it; every worker then gets a read-only handle on the
+    the disk, calls ``build(disk)`` on it and freezes it (``Disk.freeze``: read-only for good,
+    so that overlays can be made on it); every worker then gets a read-only handle on the
     same disk. The disk is destroyed when the whole run ends: after the last worker is done,
     also when tests failed or a worker crashed (a worker that crashes while building leaves the
     build to the next one). Its name, the same on every worker, is
@@ -512,15 +491,29 @@ if pytest is not None:
         def pytest_sessionfinish(self, session: pytest.Session) -> None:
             if _is_worker(self.config):
                 return
-            kept = {name for name, _ in self.kept}
-            # Golden disks (and the disks of crashed workers, whose fixtures never tore down).
-            # Golden disks go last: the core will refuse to destroy one that overlays still use.
+            # Golden disks, and the disks of crashed workers (their fixtures never tore down).
             left = [n for n in _shmdisk.list_disks() if _of_this_run(self.config, n)]
-            for name in sorted(left, key=lambda n: _is_golden(self.config, n)):
+            kept = {name for name, _ in self.kept}
+            # A kept overlay is only worth keeping with the disks it reads from.
+            for name in sorted(_bases_of(kept) & set(left) - kept):
+                self.kept.append((name, "a disk that kept overlays are made on"))
+                kept.add(name)
+            # Overlays before the disks they sit on (destroy refuses a base with overlays):
+            # the deepest first, golden disks last.
+            order = sorted(left, key=lambda n: (_is_golden(self.config, n), -_depth(n)))
+            for name in order:
                 if name in kept:
                     continue
                 try:
                     _shmdisk.destroy(name)
+                except _shmdisk.DiskBusyError as exc:
+                    # Overlays made outside the plugin's fixtures still use it: the run's disks
+                    # must go all the same; they lose their base.
+                    users = ", ".join(getattr(exc, "overlays", []))
+                    _shmdisk.destroy(name, force=True)
+                    self.undestroyed.append(
+                        (users, f"overlays of {name}, which was destroyed at the end of the run")
+                    )
                 except _shmdisk.ShmdiskError as exc:
                     self.undestroyed.append((name, str(exc)))
 
@@ -533,7 +526,7 @@ if pytest is not None:
                     "inspect with `shmdisk-ls NAME...`; remove with `shmdisk destroy NAME...`"
                 )
             if self.undestroyed:
-                terminalreporter.section("shmdisk: disks of this run that could not be destroyed")
+                terminalreporter.section("shmdisk: disks of this run left behind, or left baseless")
                 for name, why in self.undestroyed:
                     terminalreporter.line(f"{name}: {why}")
 
@@ -559,7 +552,8 @@ if pytest is not None:
     def _release(request: pytest.FixtureRequest, disks: list[_shmdisk.Disk]) -> None:
         keep = _keep_on_failure(request)
         first_error: BaseException | None = None
-        for disk in disks:
+        # The last made first: an overlay goes before the disk it is made on.
+        for disk in reversed(disks):
             # Go on with the other disks when one fails: each must still be destroyed.
             try:
                 disk.disconnect()

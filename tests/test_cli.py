@@ -245,11 +245,12 @@ def test_ls_default_columns_and_units(names: list[str]) -> None:
         "MODE",
         "CREATED",
         "HOLDERS",
+        "BASE",
         "STATE",
     ]
     row = lines[1].split()
     assert row[:7] == [n, "1M", "512", "4096", "0B", "0.0%", row[6]]
-    assert row[-1] == "ok"
+    assert row[-2:] == ["-", "ok"]
     assert ok("ls", "--noheadings", "-o", "name,size", n).split() == [n, "1M"]
 
 
@@ -845,7 +846,20 @@ def test_demo_ctrl_c_still_destroys_the_disk(signum: int, code: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "command", ["ls", "info", "create", "destroy", "resize", "map", "import", "export", "demo"]
+    "command",
+    [
+        "ls",
+        "info",
+        "create",
+        "destroy",
+        "freeze",
+        "resize",
+        "map",
+        "import",
+        "export",
+        "copy",
+        "demo",
+    ],
 )
 def test_every_subcommand_help_has_an_example(command: str) -> None:
     """Each subcommand's --help exits 0 and shows an example invocation."""
@@ -866,7 +880,8 @@ def test_usage_errors_exit_2_and_serve_is_registered() -> None:
     assert run("ls", "--bogus").returncode == 2
     bare = run()  # no command: a usage error that lists the commands
     assert bare.returncode == 2 and bare.stdout == b""
-    for command in ("ls", "info", "create", "destroy", "resize", "map", "import", "export"):
+    commands = ("ls", "info", "create", "destroy", "freeze", "resize", "map", "import", "export")
+    for command in (*commands, "copy"):
         assert re.search(rf"^ +{command} +\w", bare.stderr.decode(), re.M), command
     assert run("--bogus", tool=LS_TOOL).returncode == 2
     assert "serve" in ok("--help")

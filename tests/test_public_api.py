@@ -124,8 +124,10 @@ def test_aio_surface_is_pinned() -> None:
     assert shmdisk.aio.__all__ == [
         "AsyncDisk",
         "connect",
+        "copy",
         "create",
         "destroy",
+        "freeze",
         "inspect",
         "list_disks",
         "set_max_workers",

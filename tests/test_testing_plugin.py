@@ -30,7 +30,7 @@ def token() -> Iterator[str]:
     finally:
         for name in shmdisk.list_disks():
             if name.startswith(prefix):
-                shmdisk.destroy(name)
+                shmdisk.destroy(name, force=True)  # a kept golden disk, its kept overlay
 
 
 def left_behind(prefix: str) -> list[str]:
@@ -96,10 +96,11 @@ def example(name: str) -> str:
 
 
 def run_golden(
-    tmp_path: pathlib.Path, token: str, *args: str, **env: str
+    tmp_path: pathlib.Path, token: str, *args: str, stray: str = "", **env: str
 ) -> tuple[dict[str, int], str, list[list[str]], dict[str, set[str]]]:
     """Run the golden-disk example suite; return outcome counts, output, the build log (one
-    ``[event, pid, worker]`` per line) and the disk names the tests saw, by kind."""
+    ``[event, pid, worker]`` per line) and the disk names the tests saw, by kind. Only the
+    disk ``stray`` may be left behind."""
     names_dir = tmp_path / "names"
     names_dir.mkdir()
     builds = tmp_path / "builds"
@@ -112,7 +113,7 @@ def run_golden(
     env = {"EXAMPLE_BUILDS": str(builds), "EXAMPLE_NAMES_DIR": str(names_dir), **env}
     counts, output = run_pytest(tmp_path, files, "--shmdisk-prefix", token, *args, env=env)
     # Nothing of the run is left in /dev/shm: no segment, nor anything else carrying its names.
-    assert shm_entries(token) == before == set(), output
+    assert shm_entries(token) - {f"shmdisk.{stray}"} == before == set(), output
     names: dict[str, set[str]] = {"golden": set(), "overlay": set()}
     for entry in names_dir.iterdir():
         kind, name = entry.name.split("=")
@@ -131,7 +132,7 @@ def test_golden_disk_built_once_and_every_test_writes_its_own_overlay(
 ) -> None:
     """One build per run, one golden disk on every worker, a fresh private overlay per test."""
     counts, output, builds, names = run_golden(tmp_path, token, *xdist)
-    assert counts == {"passed": 14}, output
+    assert counts == {"passed": 15}, output
     assert [event for event, _, _ in builds] == ["start", "done"], builds
     # Every test saw the same golden disk, named after the run and nothing else.
     (golden,) = names["golden"]
@@ -153,7 +154,7 @@ def test_golden_run_with_a_failing_test_leaves_nothing(
 ) -> None:
     """A test failing after writing to its overlay: the overlay and the golden disk still go."""
     counts, output, builds, names = run_golden(tmp_path, token, *xdist, EXAMPLE_FAIL="1")
-    assert counts == {"passed": 14, "failed": 1}, output
+    assert counts == {"passed": 15, "failed": 1}, output
     assert "failing on purpose" in output
     assert [event for event, _, _ in builds] == ["start", "done"], builds
     assert len(names["overlay"]) == 13
@@ -167,13 +168,54 @@ def test_golden_run_with_crashing_workers_leaves_nothing(
         tmp_path, token, "-n", "2", EXAMPLE_CRASH_FIRST_BUILD="1", EXAMPLE_CRASH_TEST="1"
     )
     # The test whose setup was building and the test that kills its worker are reported failed.
-    assert counts == {"passed": 13, "failed": 2}, output
+    assert counts == {"passed": 14, "failed": 2}, output
     assert output.count("crashed while running") == 2, output
     # The first build died halfway; the next one (another process) started over and finished.
     assert [event for event, _, _ in builds] == ["start", "start", "done"], builds
     assert builds[0][1] != builds[1][1] == builds[2][1]
     # The overlay of the killed test was never torn down; the end of the run destroyed it.
     assert any("-test_kills_its_worker-" in n for n in names["overlay"]), names
+
+
+def test_a_kept_overlay_keeps_its_golden_disk(tmp_path: pathlib.Path, token: str) -> None:
+    """--shmdisk-keep-on-failure keeps a failing test's overlay and the golden disk it reads
+    from (listed too), so that the overlay can be looked at after the run."""
+    names_dir = tmp_path / "names"
+    names_dir.mkdir()
+    builds = tmp_path / "builds"
+    files = {
+        "conftest.py": (EXAMPLES / "golden_conftest.py").read_text(),
+        "test_golden.py": example("golden"),
+    }
+    env = {"EXAMPLE_BUILDS": str(builds), "EXAMPLE_NAMES_DIR": str(names_dir), "EXAMPLE_FAIL": "1"}
+    counts, output = run_pytest(
+        tmp_path, files, "--shmdisk-prefix", token, "--shmdisk-keep-on-failure", "-n", "2", env=env
+    )
+    assert counts == {"passed": 15, "failed": 1}, output
+    kept = kept_names(output)
+    assert len(kept) == 2 and sorted(left_behind(token)) == sorted(kept), output
+    overlay = next(n for n in kept if "-test_fails_after_writing-" in n)
+    golden = next(n for n in kept if "-golden-" in n)
+    assert f"{golden}  (a disk that kept overlays are made on)" in output
+    with shmdisk.connect(overlay, create=False, read_only=True) as disk:
+        assert disk.backing == golden
+        image = read_all(disk)
+    with shmdisk.connect(golden, create=False, read_only=True) as disk:
+        assert image[512:] == read_all(disk)[512:] and image[:512].startswith(b"overlay of test")
+
+
+def test_the_end_of_the_run_destroys_the_golden_disk_under_a_stray_overlay(
+    tmp_path: pathlib.Path, token: str
+) -> None:
+    """An overlay of the golden disk that no fixture made does not keep the golden disk: the
+    run destroys it all the same and names the overlay, which then says its base is lost."""
+    stray = f"{token}-stray"
+    counts, output, _, _ = run_golden(tmp_path, token, stray=stray, EXAMPLE_STRAY=stray)
+    assert counts == {"passed": 16}, output
+    assert f"{stray}: overlays of {token}-golden-build_image-" in output
+    assert left_behind(token) == [stray]
+    with pytest.raises(shmdisk.BackingLostError):
+        shmdisk.connect(stray, create=False)
 
 
 def kept_names(output: str) -> list[str]:
@@ -469,8 +511,8 @@ def test_leak_guard_catches_a_running_child_whatever_the_name() -> None:
 
 
 def test_overlay_reads_as_its_base_and_keeps_its_own_writes() -> None:
-    """An overlay (a sparse copy until the core has overlays) holds the base's bytes and holes,
-    takes writes the base never sees, reads zeros past a smaller base, and needs its sector size."""
+    """An overlay holds the base's bytes and holes at no cost, takes writes the base never sees,
+    reads zeros past a smaller base, and needs its sector size."""
     base_name, names = unique_name("base"), [unique_name("ovl"), unique_name("big")]
     sector = 512
     try:
@@ -482,6 +524,7 @@ def test_overlay_reads_as_its_base_and_keeps_its_own_writes() -> None:
             image = read_all(base)
             with _overlay(names[0], base_name, None, None) as ovl:
                 assert (ovl.get_info().size_sectors, ovl.sector_size) == (8192, sector)
+                assert ovl.backing == base_name and ovl.mapped_pages() == 0
                 assert read_all(ovl) == image
                 assert ovl.extents() == base.extents()
                 ovl.write(9, b"\xee" * sector)

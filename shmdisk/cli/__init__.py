@@ -8,7 +8,8 @@ Every failure is one line ``shmdisk: error: ...`` on stderr; everything a script
 has ``--json``, an object whose ``"version"`` key is bumped when a field changes meaning.
 
 This module assembles the parser and runs a command; each subcommand lives in its own module
-(``_ls``, ``_manage``, ``_map``, ``_image``, ``_demo``; ``serve`` in ``shmdisk.nbd.cli``).
+(``_ls``, ``_manage``, ``_map``, ``_image``, ``_copy``, ``_demo``; ``serve`` in
+``shmdisk.nbd.cli``).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from typing import Any
 
 import shmdisk
 
-from . import _demo, _image, _ls, _manage, _map
-from ._common import JSON_VERSION, CliError, Terminated, describe, error
+from . import _copy, _demo, _image, _ls, _manage, _map
+from ._common import JSON_VERSION, CliError, Terminated, UsageError, describe, error
 
 __all__ = ["JSON_VERSION", "ls_main", "main"]
 
@@ -42,7 +43,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # The order here is the order of `shmdisk --help`.
-    for module in (_ls, _manage, _map, _image, _demo):
+    for module in (_ls, _manage, _map, _image, _copy, _demo):
         module.register(sub)
     return parser, sub
 
@@ -78,6 +79,9 @@ def _dispatch(args: argparse.Namespace, prog: str) -> int:
     args.prog = prog
     try:
         return func(args)
+    except UsageError as exc:
+        error(f"{prog} {getattr(args, 'command', '')}".strip(), str(exc))
+        return 2
     except CliError as exc:
         error(prog, str(exc))
     except ValueError as exc:  # parse_size and friends: the user's input, not a crash

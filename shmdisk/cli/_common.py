@@ -25,6 +25,10 @@ class CliError(Exception):
     """A failure reported as one line on stderr with exit code 1."""
 
 
+class UsageError(CliError):
+    """Arguments that do not fit together (argparse cannot tell): one line, exit code 2."""
+
+
 class Terminated(Exception):
     """SIGTERM arrived (``kill PID``): raised like KeyboardInterrupt, so clean-up runs."""
 

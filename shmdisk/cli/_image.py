@@ -4,6 +4,7 @@ an optional progress bar."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import shutil
@@ -322,12 +323,36 @@ def _copy_in(disk: shmdisk.Disk, fd: int, size: int, label: str, progress: bool)
     return written
 
 
+@contextlib.contextmanager
+def _one_point_in_time(
+    name: str, prog: str, owner: str | None
+) -> Iterator[tuple[shmdisk.Disk, bool]]:
+    """A handle on disk ``name`` whose writers, in every process, wait while the block runs,
+    so that what it reads is the disk at one point in time (a frozen disk needs no waiting);
+    and whether it is so.
+
+    Holding writers off takes the disk's locks, which a user who may only read the disk cannot
+    take: that user gets the image as it is read, with a warning."""
+    writable = os.access(shmdisk.segment_path(name), os.R_OK | os.W_OK)
+    with connect(name, read_only=not writable, owner=owner) as disk:
+        if writable or disk.frozen:
+            with disk.hold_writes():
+                yield disk, True
+            return
+        print(
+            f"{prog}: warning: disk {name} is read-only for you, so its writers cannot be held"
+            " off: the image is not one point in time if they write meanwhile",
+            file=sys.stderr,
+        )
+        yield disk, False
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     name, path = args.name, args.file
     label = "stdout" if path == "-" else path
     # Status lines must not mix with an image written to stdout.
     status = sys.stderr if path == "-" else sys.stdout
-    with connect(name, read_only=True, owner=args.owner) as disk:
+    with _one_point_in_time(name, args.prog, args.owner) as (disk, snapshot):
         info = disk.get_info()
         size = info.size_sectors * info.sector_size
         extents = [(x.sector, x.n_sectors) for x in disk.extents() if x.mapped]
@@ -363,6 +388,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         "data_bytes": data_bytes,
         "hole_bytes": size - data_bytes,
         "sparse": sparse,
+        "snapshot": snapshot,
         "seconds": round(seconds, 6),
     }
     if args.json:
@@ -538,7 +564,9 @@ def register(sub: Any) -> None:
         "Only data is written: a regular output file gets holes where the disk has holes, so\n"
         "it takes no more room than the data. To a pipe ('-' for stdout) holes go out as zeros.\n"
         "A new FILE gets the disk's permission bits (0600 for a default disk); an existing one,\n"
-        "or a symlink, is refused unless --force.\n"
+        "or a symlink, is refused unless --force. The image is the disk at one point in time:\n"
+        "writers in every process wait until it is written (a frozen disk never changes).\n"
+        "An overlay is exported flat, its backing disks' data included.\n"
         "\nexample:\n  shmdisk export scratch disk.img\n"
         "  shmdisk export --force scratch /dev/nbd0\n"
         "  shmdisk export scratch - | gzip > disk.img.gz",

@@ -130,6 +130,20 @@ def _scan_holders(paths: set[str]) -> tuple[dict[str, set[int]], bool]:
 # ls and info
 
 
+def _backing_lost(info: shmdisk.SegmentInfo) -> bool | None:
+    """Whether an overlay's backing disk is gone (destroyed, or another disk under its name);
+    None for a disk that is no overlay."""
+    if info.backing is None:
+        return None
+    try:
+        base = shmdisk.inspect(info.backing)
+    except shmdisk.DiskNotFoundError:
+        return True
+    except (shmdisk.ShmdiskError, OSError):
+        return None  # cannot tell
+    return base.state != "ok" or base.created_ns != info.backing_created_ns
+
+
 def _entry(info: shmdisk.SegmentInfo, holders: set[int] | None) -> dict[str, Any]:
     """One disk as ``ls --json`` and ``info --json`` show it."""
     sector_size = info.sector_size
@@ -162,7 +176,11 @@ def _entry(info: shmdisk.SegmentInfo, holders: set[int] | None) -> dict[str, Any
         "mapped_percent": mapped_percent,
         "allocated_bytes": info.allocated_bytes,
         "file_bytes": info.file_bytes,
-        "access": _access(info.path),
+        # A frozen disk is read-only for everyone, whatever its mode.
+        "access": "ro" if info.frozen and _access(info.path) == "rw" else _access(info.path),
+        "frozen": info.frozen,
+        "backing": info.backing,
+        "backing_lost": _backing_lost(info),
         "owner": _owner(info.uid),
         "uid": info.uid,
         "gid": info.gid,
@@ -213,6 +231,7 @@ _LS_COLUMNS = (
     "MODE",
     "CREATED",
     "HOLDERS",
+    "BASE",
     "STATE",
 )
 _LS_RIGHT = {"SIZE", "SECTOR", "PAGE", "MAPPED", "USE%", "MEM", "HOLDERS"}
@@ -229,6 +248,11 @@ def _ls_cells(e: dict[str, Any], in_bytes: bool) -> dict[str, str]:
 
     pct = e["mapped_percent"]
     state = e["state"] if e["problem"] is None else f"{e['state']}: {e['problem']}"
+    if state == "ok" and e["frozen"]:
+        state = "frozen"
+    base = "-" if e["backing"] is None else e["backing"]
+    if e["backing_lost"]:
+        base += " (gone)"
     return {
         "NAME": e["name"],
         "SIZE": size(e["size_bytes"]),
@@ -242,6 +266,7 @@ def _ls_cells(e: dict[str, Any], in_bytes: bool) -> dict[str, str]:
         "MODE": e["mode"],
         "CREATED": _short_time(e["created_ns"]),
         "HOLDERS": "?" if e["holders"] is None else str(e["holders"]),
+        "BASE": base,
         "STATE": state,
     }
 
@@ -281,6 +306,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if errors:
         raise CliError(errors[0])
     e = entries[0]
+    if e["state"] == "ok":
+        e["overlays"] = _overlays(args.name)
     if args.json:
         print_json({"disk": e, "engine": shmdisk.ENGINE})
         return 0
@@ -303,6 +330,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         pages = e["mapped_pages"]
         lines.append(("mapped", f"{size(e['mapped_bytes'])}, {pct:.1f}%, {pages} pages"))
     lines.append(("memory used", size(e["allocated_bytes"])))
+    if e["state"] == "ok":
+        lines.append(("frozen", "yes: read-only for good" if e["frozen"] else "no"))
+    if e["backing"] is not None:
+        gone = " (gone: the overlay cannot be used)" if e["backing_lost"] else ""
+        lines.append(("backing", f"{e['backing']}{gone}; mapped counts this overlay's own data"))
+    if e.get("overlays"):
+        lines.append(("overlays", ", ".join(e["overlays"])))
     lines.append(
         ("owner", f"{e['owner']}:{_group(e['gid'])}, mode {e['mode']} ({e['access']} for you)")
     )
@@ -320,6 +354,25 @@ def cmd_info(args: argparse.Namespace) -> int:
     for key, value in lines:
         print(f"{key + ':':<{width}} {value}")
     return 0
+
+
+def _overlays(name: str) -> list[str]:
+    """The disks made on this one (``shmdisk destroy`` refuses it while they exist)."""
+    try:
+        info = shmdisk.inspect(name)
+    except (shmdisk.ShmdiskError, OSError):
+        return []
+    if not info.frozen:
+        return []  # only a frozen disk can back overlays
+    users = []
+    for other in shmdisk.list_disks():
+        try:
+            o = shmdisk.inspect(other)
+        except (shmdisk.ShmdiskError, OSError):
+            continue
+        if o.backing == name and o.backing_created_ns == info.created_ns:
+            users.append(other)
+    return users
 
 
 def add_ls_arguments(p: argparse.ArgumentParser) -> None:
@@ -340,9 +393,10 @@ LS_DESCRIPTION = """\
 List every shmdisk on the machine (or only NAME...), like lsblk: size, sector and page size,
 how much holds data (MAPPED, USE%), the memory the segment really uses (MEM), what you may do
 with it (RW: rw, ro or --), owner, mode, creation time, the processes holding it open (HOLDERS,
-"?" when not every process can be looked at) and its STATE. A corrupt, half-created or
-foreign-version segment is listed with its state and never modified; another user's disk that
-you may not read is listed as unreadable, with its owner, mode and memory."""
+"?" when not every process can be looked at), the disk an overlay is made on (BASE; MAPPED is
+then the overlay's own data) and its STATE ("frozen": read-only for good). A corrupt,
+half-created or foreign-version segment is listed with its state and never modified; another
+user's disk that you may not read is listed as unreadable, with its owner, mode and memory."""
 
 LS_EPILOG = """\
 examples:

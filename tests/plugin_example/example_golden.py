@@ -1,19 +1,23 @@
 """Tests sharing one golden disk, each writing to an overlay of its own.
 
 EXAMPLE_FAIL adds a test that fails after writing to its overlay; EXAMPLE_CRASH_TEST adds one
-that kills its xdist worker while its overlay exists.
+that kills its xdist worker while its overlay exists; EXAMPLE_STRAY (a disk name) adds one
+whose child process makes an overlay of the golden disk under that name and leaves it.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
+import sys
 
 import pytest
 from conftest import SECTOR, SECTORS, record
 
 import shmdisk
 from shmdisk import Disk
+from shmdisk.testing import DiskFactory
 
 
 def read_all(disk: Disk) -> bytes:
@@ -91,3 +95,28 @@ def test_kills_its_worker(image: Disk) -> None:
     record(f"overlay={image.name}")
     image.write(0, mark(0))
     os._exit(4)
+
+
+def test_an_overlay_of_the_overlay(
+    image: Disk, shmdisk_factory: DiskFactory, golden_bytes: bytes
+) -> None:
+    """A test freezes its overlay and stacks another on it with the factory; both are
+    destroyed after the test, the upper one first."""
+    image.write(7, mark(7))
+    image.freeze()
+    top = shmdisk_factory(backing=image)
+    assert top.backing == image.name and image.frozen
+    top.write(8, mark(8))
+    expected = bytearray(golden_bytes)
+    expected[7 * SECTOR : 8 * SECTOR] = mark(7)
+    expected[8 * SECTOR : 9 * SECTOR] = mark(8)
+    assert read_all(top) == expected
+
+
+@pytest.mark.skipif(not os.environ.get("EXAMPLE_STRAY"), reason="EXAMPLE_STRAY not set")
+def test_leaves_a_stray_overlay(golden: Disk) -> None:
+    """A child process makes an overlay of the golden disk under a name of its own and exits:
+    no fixture made it and the leak guard cannot tell it from another program's disk."""
+    name = os.environ["EXAMPLE_STRAY"]
+    code = f"import shmdisk; shmdisk.create({name!r}, backing={golden.name!r}).disconnect()"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
