@@ -247,23 +247,6 @@ def stripes_for(p0: int, p1: int) -> list[int]:
     return [*range(r1 + 1), *range(r0, L.STRIPES)]
 
 
-def _flat(b: Any, writable: bool) -> bool:
-    """A buffer the python engine's fast paths take as it is: flat, contiguous bytes."""
-    t = type(b)
-    if t is bytearray or (t is bytes and not writable):
-        return True
-    try:
-        return (
-            t is memoryview
-            and b.format == "B"
-            and b.ndim == 1
-            and b.c_contiguous
-            and not (writable and b.readonly)
-        )
-    except ValueError:  # a released memoryview: the general path says so
-        return False
-
-
 def _slow(off: int, buf: Any) -> int:
     """The fast path of a disconnected handle: always the slow path (which raises)."""
     return 1
@@ -440,16 +423,24 @@ def copy_out(m: Mapping, off: int, views: Sequence[memoryview], ws: Words) -> No
 def python_fast_paths(m: Mapping) -> tuple[Any, Any, Any, Any]:
     """The python engine's commonest requests, written out flat for one mapping.
 
-    ``read_page(off, buf)`` (a lock-free read within one page), ``write_page(off, buf)`` (a
-    rewrite of one mapped page under its stripe), and ``read_sectors`` / ``write_sectors``
-    (the same from a sector number, with Disk.read/write's argument checks), each returning 0
-    when done and 1 when the general path must do it. They are the protocol steps of
-    ``PageIO._read_lock_free`` and ``PageIO._write_pages`` specialised to one page, bound to
-    the mapping's views as closure variables: in pure Python every attribute lookup on the hot
-    path costs a few percent of a 4 KiB request.
+    Returns ``fast_read(off, buf)`` (a lock-free read within one page), ``fast_write(off,
+    buf)`` (a rewrite of one mapped page under its stripe), and ``read_sectors`` /
+    ``write_sectors(sector, buf)`` (the same from a sector number, for ``Disk.read/write``),
+    each returning 0 when done and 1 when the general path must do it (which then checks the
+    arguments and raises the typed errors). They are the protocol steps of
+    ``PageIO._read_lock_free`` and ``PageIO._write_pages`` specialised to one page and one
+    flat buffer (bytearray, bytes or a memoryview: one whose structure does not fit fails the
+    copy, before any byte moves, and goes the general way), bound to the mapping's views as
+    closure variables: in pure Python every attribute lookup or call on the hot path costs a
+    few percent of a 4 KiB request. Each is made twice from one body, for a unit of one byte
+    and of one sector.
+
+    Re-entry (a signal handler calling in while the interrupted code holds a stripe here) is
+    left to the general path: this trylock fails on a stripe the thread holds, and ``_Hold``
+    refuses a stripe its own thread holds.
     """
     seg = m.seg
-    hq, wv, lq, known, dv, key = seg.hq, seg.wv, seg.lq, seg.known, m.dv, seg.key
+    hq, wv, lq, known, dv = seg.hq, seg.wv, seg.lq, seg.known, m.dv
     cap, shift, ss = m.cap, seg.shift, seg.sector_size
     table = m.table
     plain = m.base is None
@@ -468,106 +459,127 @@ def python_fast_paths(m: Mapping) -> tuple[Any, Any, Any, Any]:
     trylock: Any = table.c_trylock if table is not None else None
     unlock: Any = table.c_unlock if table is not None else None
     held = _held
+    limit = _stripes.ROBUST_LIST_LIMIT
+    stripe_shift, stripes = L.STRIPE_SHIFT, L.STRIPES
 
-    def read_page(off: int, buf: Any) -> int:
-        if type(buf) is list:
-            return 1  # several buffers: the general path
-        end = off + len(buf)
-        p0 = off >> shift
-        if not (
-            end > off >= 0
-            and (end - 1) >> shift == p0
-            and end <= cap
-            and known[p0 >> _MAP_SHIFT]
-            and end <= hq[_F_SIZE] * ss
-            and not hq[_F_GONE]
-        ):
-            return 1
-        for below in chain:
-            if below[_F_GONE]:
+    def reader(unit: int) -> Any:
+        def read(at: Any, buf: Any) -> int:
+            t = type(buf)
+            if type(at) is not int or at < 0 or not (t is bytearray or t is memoryview):
                 return 1
-        w = wv[p0]
-        if w & 1:
-            return 1
-        if w >= _MAPPED:
-            buf[:] = dv[off:end]
-        elif plain or w & _ZEROED or p0 >= base_pages:
-            zero_view(memoryview(buf))
-        else:
-            # An overlay's page that the base holds, the commonest case, written out.
-            bw = bwv[p0] if bknown[p0 >> _MAP_SHIFT] else 0
-            if bw >= _MAPPED and not bw & 1:
-                buf[:] = bdv[off:end]
-            elif _py_read_below(m, p0, off, end, buf):
+            try:
+                n = len(buf)
+                if t is memoryview and not buf.c_contiguous:
+                    return 1  # refused by the general path, as the native engine refuses it
+            except ValueError:  # a released memoryview
                 return 1
-        return 0 if wv[p0] == w else 1
+            off = at * unit
+            end = off + n
+            p0 = off >> shift
+            if not (
+                n
+                and not n % unit
+                and (end - 1) >> shift == p0
+                and end <= cap
+                and known[p0 >> _MAP_SHIFT]
+                and end <= hq[_F_SIZE] * ss
+                and not hq[_F_GONE]
+            ):
+                return 1
+            for below in chain:
+                if below[_F_GONE]:
+                    return 1
+            w = wv[p0]
+            if w & 1:
+                return 1
+            try:
+                if w >= _MAPPED:
+                    buf[:] = dv[off:end]
+                elif plain or w & _ZEROED or p0 >= base_pages:
+                    zero_view(memoryview(buf))
+                else:
+                    # An overlay's page that the base holds, the commonest case, written out.
+                    bw = bwv[p0] if bknown[p0 >> _MAP_SHIFT] else 0
+                    if bw >= _MAPPED and not bw & 1:
+                        buf[:] = bdv[off:end]
+                    elif _py_read_below(m, p0, off, end, buf):
+                        return 1
+            except (TypeError, ValueError, BufferError):
+                return 1  # a buffer that does not fit (or was released): nothing was copied
+            return 0 if wv[p0] == w else 1
 
-    def write_page(off: int, buf: Any) -> int:
-        if type(buf) is list:
-            return 1  # several buffers: the general path
-        keys = held.keys
-        end = off + len(buf)
-        p0 = off >> shift
-        if (
-            trylock is None
-            or keys
-            or off < 0
-            or end <= off
-            or (end - 1) >> shift != p0
-            or end > cap
-            or not known[p0 >> _MAP_SHIFT]
-        ):
-            return 1
-        s = (p0 >> L.STRIPE_SHIFT) % L.STRIPES
-        addr = addrs[s]
-        keys.append(key)
-        try:
-            rc = trylock(addr)
-            if rc == 0:
-                lq[s * _SLOT_Q + _I_FIRST] = p0
-                lq[s * _SLOT_Q + _I_COUNT] = 1
-                w = wv[p0]
-                if (
-                    w >= _MAPPED
-                    and not hq[_F_GONE]
-                    and not hq[_F_FROZEN]
-                    and end <= hq[_F_SIZE] * ss
-                    and (plain or not _chain_lost(m))
-                ):
-                    big = end - off >= _FENCE_BYTES
-                    wv[p0] = w | 1  # odd: lock-free readers retry or wait
-                    if big:
-                        _stripes.fence()
-                    dv[off:end] = buf
-                    if big:
-                        _stripes.fence()
-                    wv[p0] = _MAPPED | ((w + 2) & _SEQ)  # even again, one step on
+        return read
+
+    def writer(unit: int) -> Any:
+        def write(at: Any, buf: Any) -> int:
+            t = type(buf)
+            if (
+                type(at) is not int
+                or at < 0
+                or not (t is bytearray or t is memoryview or t is bytes)
+                or trylock is None
+            ):
+                return 1
+            try:
+                n = len(buf)
+                if t is memoryview and not buf.c_contiguous:
+                    return 1  # refused by the general path, as the native engine refuses it
+            except ValueError:  # a released memoryview
+                return 1
+            off = at * unit
+            end = off + n
+            p0 = off >> shift
+            if (
+                not n
+                or n % unit
+                or (end - 1) >> shift != p0
+                or end > cap
+                or not known[p0 >> _MAP_SHIFT]
+                or held.count >= limit
+            ):
+                return 1
+            s = (p0 >> stripe_shift) % stripes
+            addr = addrs[s]
+            try:
+                rc = trylock(addr)
+                if rc == 0:
+                    lq[s * _SLOT_Q + _I_FIRST] = p0
+                    lq[s * _SLOT_Q + _I_COUNT] = 1
+                    w = wv[p0]
+                    if (
+                        w >= _MAPPED
+                        and not hq[_F_GONE]
+                        and not hq[_F_FROZEN]
+                        and end <= hq[_F_SIZE] * ss
+                        and (plain or not _chain_lost(m))
+                    ):
+                        big = n >= _FENCE_BYTES
+                        wv[p0] = w | 1  # odd: lock-free readers retry or wait
+                        if big:
+                            _stripes.fence()
+                        try:
+                            dv[off:end] = buf
+                        except (TypeError, ValueError, BufferError):
+                            wv[p0] = w  # a buffer that does not fit: nothing was copied
+                            unlock(addr)
+                            return 1
+                        if big:
+                            _stripes.fence()
+                        wv[p0] = _MAPPED | ((w + 2) & _SEQ)  # even again, one step on
+                        unlock(addr)
+                        return 0
                     unlock(addr)
-                    return 0
-                unlock(addr)
-            elif rc == errno.EOWNERDEAD:
-                table.after_trylock(s, rc)  # repaired; the general path takes it again
-                unlock(addr)
-        except BaseException:
-            _release_after_error(m, [s])
-            raise
-        finally:
-            keys.pop()
-        return 1
-
-    def read_sectors(sector: Any, buf: Any) -> int:
-        if type(sector) is not int or not _flat(buf, True) or sector < 0:
+                elif rc == errno.EOWNERDEAD:
+                    table.after_trylock(s, rc)  # repaired; the general path takes it again
+                    unlock(addr)
+            except BaseException:
+                _release_after_error(m, [s])
+                raise
             return 1
-        n = len(buf)
-        return 1 if not n or n % ss else read_page(sector * ss, buf)
 
-    def write_sectors(sector: Any, buf: Any) -> int:
-        if type(sector) is not int or not _flat(buf, False) or sector < 0:
-            return 1
-        n = len(buf)
-        return 1 if not n or n % ss else write_page(sector * ss, buf)
+        return write
 
-    return read_page, write_page, read_sectors, write_sectors
+    return reader(1), writer(1), reader(ss), writer(ss)
 
 
 class _Hold:
@@ -596,10 +608,7 @@ class _Hold:
             raise IsReadOnlyError(f"disk {name!r} is connected read-only")
         held = _held
         if self.key in held.keys:
-            raise ReentrantCallError(
-                f"disk {name!r}: this thread is inside another call on this disk "
-                "(a signal handler?); a nested call would wait for itself"
-            )
+            raise _reentry_error(name)
         if held.count + len(self.stripes) > _stripes.ROBUST_LIST_LIMIT:
             raise ReentrantCallError(
                 f"disk {name!r}: this thread would hold more than "
@@ -612,6 +621,12 @@ class _Hold:
             for s in self.stripes:
                 rc = table.trylock(s)
                 if rc == errno.EBUSY:
+                    if _owned_here(m.seg, s, threading.get_native_id()):
+                        # A one-page fast path of this thread holds it: a signal handler
+                        # called in while it ran. That stripe is the interrupted call's to
+                        # release, so it leaves the list _undo releases.
+                        self.stripes = self.stripes[: self.taken]
+                        raise _reentry_error(name)
                     if not self.wait:
                         raise WouldBlockError(
                             f"disk {name!r}: pages are locked by another thread or process"
@@ -1294,6 +1309,13 @@ def _range_message(name: str, off: int, total: int, ss: int, size: int) -> str:
     else:
         what = f"bytes [{off}, {off + total})"
     return f"{what} lie outside disk {name!r} of {size} sectors"
+
+
+def _reentry_error(name: str) -> ReentrantCallError:
+    return ReentrantCallError(
+        f"disk {name!r}: this thread is inside another call on this disk "
+        "(a signal handler?); a nested call would wait for itself"
+    )
 
 
 def _lock_error(name: str, rc: int) -> Exception:

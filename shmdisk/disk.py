@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple, TypeVar
 
 from . import _layout as L
 from . import _pageio, _segment
+from ._front import Front
 from ._mapping import Mapping, Segment
 from .errors import (
     BackingLostError,
@@ -155,7 +156,7 @@ def _flat_bytes(b: object, writable: bool) -> bool:
 _live: weakref.WeakSet[Disk] = weakref.WeakSet()
 
 
-class Disk:
+class Disk(Front):
     """A connected handle on a named disk; get one from :func:`create` or :func:`connect`.
 
     Use it as a context manager (leaving disconnects, never destroys). Pickling a ``Disk``
@@ -163,12 +164,12 @@ class Disk:
     ``read_only`` and ``owner`` define the handle and cannot be changed.
     """
 
-    __slots__ = ("__weakref__", "_io", "_name", "_owner", "_page", "_read_only", "_ss")
+    __slots__ = ("__weakref__", "_name", "_owner", "_page", "_read_only", "_ss")  # _io: Front's
 
     def __init__(self, name: str, io: _pageio.PageIO, read_only: bool, owner: int | None) -> None:
         m = io.current()
         self._name = name
-        self._io: _pageio.PageIO = io
+        self._io = io
         self._read_only = read_only
         self._ss = m.seg.sector_size
         self._page = m.seg.page_size
@@ -227,31 +228,18 @@ class Disk:
         writable = not self._read_only and not self._io.current().seg.hq[L.F_FROZEN]
         return DiskInfo(writable, self._ss, size)
 
-    def read(
+    # read() and write() are Front's: the common request in one call, the rest comes here.
+
+    def _read_general(
         self, sector: int, buffers: Buffers, *, wait: bool = True, timeout: float | None = None
     ) -> None:
-        """Fill ``buffers`` (one or a list, each whole sectors) from ``sector`` onwards.
-
-        Atomic against every write from any thread or process. With ``wait=False`` a read that
-        would have to wait for a writer raises ``WouldBlockError``; with ``timeout`` one that
-        waits longer raises ``LockTimeoutError``; either way nothing was read.
-        """
-        if timeout is None and self._io.read_sectors(sector, buffers) == 0:
-            return  # the common case, checked and done in one call
         views, total = self._views(buffers, True)
         off = _index(sector, "sector") * self._ss
         self._io.read(off, views, total, wait, _timeout(timeout))
 
-    def write(
+    def _write_general(
         self, sector: int, buffers: Buffers, *, wait: bool = True, timeout: float | None = None
     ) -> None:
-        """Copy ``buffers`` (one or a list, each whole sectors) to the disk at ``sector``.
-
-        All or nothing, and atomic against every other call from any thread or process.
-        ``wait`` and ``timeout`` as for ``read``.
-        """
-        if timeout is None and self._io.write_sectors(sector, buffers) == 0:
-            return  # the common case, checked and done in one call
         views, total = self._views(buffers, False)
         off = _index(sector, "sector") * self._ss
         self._io.write(off, views, total, wait, _timeout(timeout))

@@ -77,7 +77,7 @@ def _scan_holders(paths: set[str]) -> tuple[dict[str, set[int]], bool]:
     """Pids whose open fds or memory mappings refer to each path, and whether every process
     could be looked at (another user's /proc/PID/fd is closed to non-root callers).
 
-    A handle keeps the segment's fds open (its OFD locks live on them) and the segment mapped;
+    A handle keeps the segment's fd open (for fallocate and fstat) and the segment mapped;
     maps also catches a process that closed its fds but kept a mapping.
     """
     found: dict[str, set[int]] = {p: set() for p in paths}
