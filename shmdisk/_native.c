@@ -961,6 +961,46 @@ static int plain_call(Py_ssize_t nargs, PyObject *const *args, PyObject *kwnames
     return 1;
 }
 
+/* The signature read/write(sector, buffers, *, wait, timeout), checked here so that a wrong
+ * call is told about read() or write(), not about the method it would have been passed to. */
+static int check_call(const char *meth, Py_ssize_t nargs, PyObject *kwnames) {
+    if (nargs > 2) {
+        PyErr_Format(PyExc_TypeError, "%s() takes 2 positional arguments but %zd were given",
+                     meth, nargs);
+        return -1;
+    }
+    int have_sector = nargs >= 1, have_buffers = nargs >= 2;
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, i);
+        int *have = NULL;
+        if (PyUnicode_CompareWithASCIIString(key, "sector") == 0)
+            have = &have_sector;
+        else if (PyUnicode_CompareWithASCIIString(key, "buffers") == 0)
+            have = &have_buffers;
+        else if (PyUnicode_CompareWithASCIIString(key, "wait") != 0 &&
+                 PyUnicode_CompareWithASCIIString(key, "timeout") != 0) {
+            PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%U'", meth,
+                         key);
+            return -1;
+        }
+        if (have) {
+            if (*have) {
+                PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%U'",
+                             meth, key);
+                return -1;
+            }
+            *have = 1;
+        }
+    }
+    if (!have_sector || !have_buffers) {
+        PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s'", meth,
+                     have_sector ? "buffers" : "sector");
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *front_request(FrontObject *self, PyObject *const *args, size_t nargsf,
                                PyObject *kwnames, int writing) {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
@@ -978,21 +1018,21 @@ static PyObject *front_request(FrontObject *self, PyObject *const *args, size_t 
             Py_RETURN_NONE;
     }
     /* The general path, with the arguments exactly as the caller gave them. */
-    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    PyObject *small[8], **all = small;
-    if (nargs + nkw + 1 > 8) {
-        all = PyMem_Malloc((size_t)(nargs + nkw + 1) * sizeof(PyObject *));
-        if (!all)
-            return PyErr_NoMemory();
+    if (check_call(writing ? "write" : "read", nargs, kwnames) < 0)
+        return NULL;
+    /* Checked: sector and buffers once each, wait and timeout at most once: 4 at most. */
+    Py_ssize_t n = nargs + (kwnames ? PyTuple_GET_SIZE(kwnames) : 0);
+    PyObject *all[5];
+    if (n > 4) {
+        PyErr_Format(PyExc_TypeError, "%s(): a keyword argument given twice",
+                     writing ? "write" : "read");
+        return NULL;
     }
     all[0] = (PyObject *)self;
-    for (Py_ssize_t i = 0; i < nargs + nkw; i++)
+    for (Py_ssize_t i = 0; i < n; i++)
         all[i + 1] = args[i];
-    PyObject *r = PyObject_VectorcallMethod(writing ? str_write_general : str_read_general, all,
-                                            (size_t)(nargs + 1), kwnames);
-    if (all != small)
-        PyMem_Free(all);
-    return r;
+    return PyObject_VectorcallMethod(writing ? str_write_general : str_read_general, all,
+                                     (size_t)(nargs + 1), kwnames);
 }
 
 static PyObject *Front_read(FrontObject *self, PyObject *const *args, size_t nargsf,

@@ -295,6 +295,46 @@ def test_bad_input_raises_typed_error_and_changes_nothing(disk: shmdisk.Disk) ->
         assert disk.mapped_pages() == mapped_before, label
 
 
+@pytest.mark.parametrize("op", ["read", "write"])
+def test_calls_of_the_wrong_shape_name_the_method_and_change_nothing(
+    disk: shmdisk.Disk, op: str
+) -> None:
+    """read/write called with missing, extra, repeated or unknown arguments: a TypeError that
+    names the method the caller called, and nothing read or written; every right shape works."""
+    data = pattern(512, 3)
+    disk.write(0, data)
+    buf = bytearray(512)
+    call = getattr(disk, op)
+    wrong: list[tuple[tuple[object, ...], dict[str, object]]] = [
+        ((), {}),
+        ((0,), {}),
+        ((0, buf, True), {}),
+        ((0, buf, True, None, 1, 2, 3, 4, 5, 6), {}),
+        ((0, buf), {"bogus": 1}),
+        ((0, buf), {"sector": 0}),
+        ((0,), {"sector": 0, "buffers": buf}),
+        ((), {"buffers": buf}),
+    ]
+    for args, kwargs in wrong:
+        with pytest.raises(TypeError, match=rf"\b{op}\(\)"):
+            call(*args, **kwargs)
+        assert snapshot(disk)[:512] == data and buf == bytes(512), (args, kwargs)
+    right: list[tuple[tuple[object, ...], dict[str, object]]] = [
+        ((0, buf), {}),
+        ((0,), {"buffers": buf}),
+        ((), {"sector": 0, "buffers": buf}),
+        ((0, buf), {"wait": False}),
+        ((0, buf), {"timeout": None}),
+        ((0, buf), {"timeout": 5.0, "wait": True}),
+        ((0, [buf]), {}),
+    ]
+    source = bytearray(data)
+    for args, kwargs in right:
+        buf[:] = data if op == "write" else bytes(512)
+        call(*args, **kwargs)
+        assert buf == source and snapshot(disk)[:512] == data, (args, kwargs)
+
+
 def test_read_only_handle_refuses_changes(disk: shmdisk.Disk) -> None:
     """A read-only handle reads, and refuses write, resize, discard with IsReadOnlyError."""
     disk.write(0, b"w" * 512)
