@@ -2,7 +2,9 @@
 
 ``Disk`` is a front: it checks the caller's arguments (before any byte is touched, so a failing
 call changes nothing) and hands the request to its page I/O (``_pageio.py``, the locking
-protocol) over the segment's mapping (``_mapping.py``; byte format: ``_layout.py``).
+protocol) over the segment's mapping (``_mapping.py``; byte format: ``_layout.py``). Its
+``read`` and ``write`` come from its base class (``_front.py``), which does the common request
+in one call and brings everything else to ``_read_general`` / ``_write_general`` here.
 """
 
 from __future__ import annotations

@@ -88,18 +88,18 @@ def test_a_systemd_style_socket_is_served_and_left_to_its_owner(
     try:
         serve.wait_for("serving")
         info = json.loads(ok("nbdinfo", "--json", uri))
-        assert info["exports"][0]["export-size"] == 4 * MiB
+        assert info["exports"][0]["export-size"] == 4 * MiB, (info, serve.stderr())
         serve.wait_for(r"conn 1 .*closed")
     finally:
         rc = serve.stop()
         listener.close()
     assert rc == 0, serve.log
-    assert "(activated socket)" in serve.log
+    assert "(activated socket)" in serve.log, serve.log
     assert re.search(r"conn 1 \(.*activated socket\): connected", serve.log), serve.log
     if kind == "unix":
         assert os.path.exists(path)
     else:
-        assert "warning: serving plain TCP" in serve.log
+        assert "warning: serving plain TCP" in serve.log, serve.log
 
 
 def test_activation_with_a_connected_socket_is_a_clear_error(disk: shmdisk.Disk) -> None:
