@@ -36,9 +36,12 @@ different processes rarely meet.
   (``_mapping.py``), so no thread unmaps a table one of its stripes is held in.
 
 **Where data lives.** A page that is MAPPED holds data; one that is not reads as zeros, or, in
-an overlay, from the backing disk unless ZEROED. Before the first store into a page (data or
-page map) its memory is allocated with ``fallocate``: a store into a tmpfs hole on a full
-``/dev/shm`` is SIGBUS, while ``fallocate`` fails cleanly with ENOSPC before anything changed.
+an overlay, from the backing disk unless ZEROED. No store through a mapping ever lands in a
+tmpfs hole (on a full ``/dev/shm`` that is SIGBUS): before the first store into a page (data
+or page map) its memory is allocated with ``fallocate``, which fails cleanly with ENOSPC before
+anything changed; or, for data pages a write covers whole, the write goes through the file
+(``pwritev``, ``write_fresh``), which allocates as it writes and fails with ENOSPC as cleanly,
+having its pages punched back before the error leaves.
 Reading the page map through the mapping where it is a hole would allocate it, so the map's
 holes are found with ``SEEK_DATA`` (``snapshot``).
 """
@@ -75,6 +78,7 @@ Words = _pagemap.Words
 
 _ZEROS = memoryview(bytes(1 << 20))  # a source for zero-filling without allocating
 _FENCE_BYTES = 16384  # smaller copies never take glibc's non-temporal path
+_IOV_FEW = 64  # buffers one pwritev takes here (the kernel's limit, IOV_MAX, is 1024)
 _MAPPED = L.MAPPED
 _SEQ = L.SEQ_MASK
 _ZEROED = L.ZEROED
@@ -333,6 +337,55 @@ def fill_unshared(seg: Segment, off: int, src: Mapping, n: int) -> None:
             e.errno, f"disk {seg.name!r}: writing the copy failed: {e.strerror}"
         ) from e
     seg.words[p0:p1] |= np.uint32(_MAPPED)
+
+
+def _through_file(seg: Segment, off: int, views: Sequence[memoryview], total: int) -> bool:
+    """Whether a write of ``views`` at ``off`` covers whole pages and can go through the file
+    (``write_fresh``) when they are all fresh: few enough buffers for one system call."""
+    mask = seg.page_size - 1
+    return not (off & mask or total & mask) and len(views) <= _IOV_FEW
+
+
+def write_fresh(seg: Segment, off: int, views: Sequence[memoryview], total: int) -> None:
+    """Write ``views`` (``total`` bytes, whole pages) at data byte ``off`` of pages that hold no
+    memory, whose stripes are held and counters odd, through the file (``pwritev``).
+
+    tmpfs gives a page written whole through the file its memory without zeroing it first:
+    about half the time of allocating (``fallocate``) and then copying through the mapping
+    (4 KiB: 2.0 against 3.8 us; 1 MiB: 0.34 against 0.6-0.7 ms). The write and the mappings
+    see the same page cache, so every process sees the bytes, and the system call orders the
+    copy before the counters' next store. On any failure (a full tmpfs: ``DiskFullError``) the
+    pages are punched back to holes before the error leaves: the caller restores their words
+    and the write leaves nothing behind.
+    """
+    pos = seg.data_offset + off
+    done = 0
+    try:
+        while done < total:
+            done += os.pwritev(seg.fd, _after(views, done), pos + done)
+    except BaseException as e:
+        _stripes.punch(seg.fd, pos, total)
+        if not isinstance(e, OSError):
+            raise
+        if e.errno == errno.ENOSPC:
+            raise DiskFullError(
+                f"disk {seg.name!r}: no space left in /dev/shm for the data; nothing was written"
+            ) from e
+        raise UnknownError(e.errno, f"disk {seg.name!r}: writing failed: {e.strerror}") from e
+
+
+def _after(views: Sequence[memoryview], skip: int) -> Sequence[memoryview]:
+    """``views`` less their first ``skip`` bytes (after a short write)."""
+    if not skip:
+        return views
+    rest = []
+    for v in views:
+        if skip >= len(v):
+            skip -= len(v)
+            continue
+        rest.append(v[skip:])
+        skip = 0
+    return rest
 
 
 def zero_view(v: memoryview) -> None:
@@ -949,6 +1002,18 @@ class PageIO:
             words[:] = _pagemap.done(ws, _MAPPED)
             return
         fresh = ws < np.uint32(_MAPPED)
+        if views is not None and _through_file(seg, off, views, total) and bool(fresh.all()):
+            # Whole fresh pages: the file allocates and fills them in one call.
+            allocate_map(seg, p0, p1)
+            words[:] = ws | np.uint32(1)
+            _stripes.fence()
+            try:
+                write_fresh(seg, off, views, total)
+            except BaseException:
+                words[:] = ws  # holes again, as they were: nothing of the write stays
+                raise
+            words[:] = _pagemap.done(ws, _MAPPED)
+            return
         self._allocate(m, p0, fresh)
         words[:] = ws | np.uint32(1)
         _stripes.fence()
@@ -975,6 +1040,16 @@ class PageIO:
         w = int(seg.wv[p])
         fresh = w < _MAPPED
         shift = seg.shift
+        if fresh and views is not None and _through_file(seg, off, views, total):
+            seg.wv[p] = w | 1
+            _stripes.fence()
+            try:
+                write_fresh(seg, off, views, total)
+            except BaseException:
+                seg.wv[p] = w  # a hole again, as it was
+                raise
+            seg.wv[p] = L.word_done(w, _MAPPED)
+            return
         if fresh:
             _fallocate(seg, seg.data_offset + (p << shift), 1 << shift, "data")
         seg.wv[p] = w | 1

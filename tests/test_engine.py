@@ -402,3 +402,14 @@ def test_a_signal_handler_inside_a_one_page_rewrite_is_refused_or_safe(
     d.disconnect()
     assert sum(outcomes.values()) > 0, outcomes
     assert n_reads > 100 and torn == 0, (n_reads, torn)
+
+
+def test_a_short_write_through_the_file_goes_on_after_the_bytes_it_wrote() -> None:
+    """What write_fresh hands pwritev again after a short write: the buffers less the bytes
+    already written, across buffer boundaries, and nothing when all is written."""
+    from shmdisk._pageio import _after
+
+    views = [memoryview(b"abc"), memoryview(b"defg"), memoryview(b"hi")]
+    for skip in range(10):
+        assert b"".join(bytes(v) for v in _after(views, skip)) == b"abcdefghi"[skip:]
+    assert _after(views, 0) is views
