@@ -1012,7 +1012,9 @@ static PyObject *front_request(FrontObject *self, PyObject *const *args, size_t 
         Py_DECREF(call);
         if (!st)
             return NULL;
-        int done = PyLong_CheckExact(st) && PyLong_AsLong(st) == ST_OK;
+        int overflow = 0;
+        int done = PyLong_CheckExact(st) && PyLong_AsLongAndOverflow(st, &overflow) == ST_OK &&
+                   !overflow;
         Py_DECREF(st);
         if (done)
             Py_RETURN_NONE;
