@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import shmdisk
+from shmdisk import _units
 
 MiB = 1 << 20
 
@@ -73,11 +74,8 @@ WORKLOADS = [
 
 
 def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
+    """A byte count written as the command line takes one (4096, 64M, 1GiB)."""
+    return _units.parse_bytes(text)[0]
 
 
 def wait_until(ready: Callable[[], bool], proc: subprocess.Popen[bytes], timeout: float) -> None:

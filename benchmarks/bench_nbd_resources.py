@@ -35,6 +35,7 @@ import time
 from collections.abc import Iterator
 
 import shmdisk
+from shmdisk import _units
 
 MiB = 1 << 20
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -46,11 +47,8 @@ REQUEST_MAGIC, SIMPLE_REPLY_MAGIC = 0x25609513, 0x67446698
 
 
 def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
+    """A byte count written as the command line takes one (4096, 64M, 1GiB)."""
+    return _units.parse_bytes(text)[0]
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes:

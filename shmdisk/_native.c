@@ -943,68 +943,60 @@ typedef struct {
 
 static PyObject *str_read_sectors, *str_write_sectors, *str_read_general, *str_write_general;
 
-/* The plain call: two positional arguments, and no keyword but wait (which a request done at
- * once never needs) or timeout=None. Keyword names are always str here. */
-static int plain_call(Py_ssize_t nargs, PyObject *const *args, PyObject *kwnames) {
-    if (nargs != 2)
-        return 0;
-    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    for (Py_ssize_t i = 0; i < nkw; i++) {
-        PyObject *key = PyTuple_GET_ITEM(kwnames, i);
-        if (PyUnicode_CompareWithASCIIString(key, "timeout") == 0) {
-            if (args[nargs + i] != Py_None)
-                return 0;
-        } else if (PyUnicode_CompareWithASCIIString(key, "wait") != 0) {
-            return 0; /* a misspelt keyword: the general path raises the TypeError */
-        }
-    }
-    return 1;
-}
-
 /* The signature read/write(sector, buffers, *, wait, timeout), checked here so that a wrong
- * call is told about read() or write(), not about the method it would have been passed to. */
-static int check_call(const char *meth, Py_ssize_t nargs, PyObject *kwnames) {
+ * call is told about read() or write(), not about the method it would have been passed to.
+ * Returns -1 (TypeError set), 1 for the plain call the engine may do at once (two positional
+ * arguments and no timeout but None; wait does not matter to a request done at once), or 0
+ * for any other right one. Keyword names are always str here. */
+static int check_call(const char *meth, Py_ssize_t nargs, PyObject *const *args,
+                      PyObject *kwnames) {
     if (nargs > 2) {
         PyErr_Format(PyExc_TypeError, "%s() takes 2 positional arguments but %zd were given",
                      meth, nargs);
         return -1;
     }
-    int have_sector = nargs >= 1, have_buffers = nargs >= 2;
+    int have_sector = nargs >= 1, have_buffers = nargs >= 2, plain = nargs == 2;
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
     for (Py_ssize_t i = 0; i < nkw; i++) {
         PyObject *key = PyTuple_GET_ITEM(kwnames, i);
         int *have = NULL;
+        if (PyUnicode_CompareWithASCIIString(key, "timeout") == 0) {
+            plain &= args[nargs + i] == Py_None;
+            continue;
+        }
+        if (PyUnicode_CompareWithASCIIString(key, "wait") == 0)
+            continue;
         if (PyUnicode_CompareWithASCIIString(key, "sector") == 0)
             have = &have_sector;
         else if (PyUnicode_CompareWithASCIIString(key, "buffers") == 0)
             have = &have_buffers;
-        else if (PyUnicode_CompareWithASCIIString(key, "wait") != 0 &&
-                 PyUnicode_CompareWithASCIIString(key, "timeout") != 0) {
+        else {
             PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%U'", meth,
                          key);
             return -1;
         }
-        if (have) {
-            if (*have) {
-                PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%U'",
-                             meth, key);
-                return -1;
-            }
-            *have = 1;
+        if (*have) {
+            PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%U'", meth,
+                         key);
+            return -1;
         }
+        *have = 1;
     }
     if (!have_sector || !have_buffers) {
         PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s'", meth,
                      have_sector ? "buffers" : "sector");
         return -1;
     }
-    return 0;
+    return plain;
 }
 
 static PyObject *front_request(FrontObject *self, PyObject *const *args, size_t nargsf,
                                PyObject *kwnames, int writing) {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    if (self->io && plain_call(nargs, args, kwnames)) {
+    int plain = check_call(writing ? "write" : "read", nargs, args, kwnames);
+    if (plain < 0)
+        return NULL;
+    if (plain && self->io) {
         PyObject *call = PyObject_GetAttr(self->io, writing ? str_write_sectors : str_read_sectors);
         if (!call)
             return NULL;
@@ -1020,8 +1012,6 @@ static PyObject *front_request(FrontObject *self, PyObject *const *args, size_t 
             Py_RETURN_NONE;
     }
     /* The general path, with the arguments exactly as the caller gave them. */
-    if (check_call(writing ? "write" : "read", nargs, kwnames) < 0)
-        return NULL;
     /* Checked: sector and buffers once each, wait and timeout at most once: 4 at most. */
     Py_ssize_t n = nargs + (kwnames ? PyTuple_GET_SIZE(kwnames) : 0);
     PyObject *all[5];
